@@ -1,0 +1,303 @@
+package webhooks
+
+import (
+	"bytes"
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"github.com/jmoiron/sqlx"
+
+	"github.com/outboxhook/webhooks/store"
+)
+
+// DeliveryState is where a delivery stands.
+type DeliveryState string
+
+// The delivery states.
+const (
+	// DeliveryPending: waiting for its next attempt.
+	DeliveryPending DeliveryState = "pending"
+	// DeliveryDelivering: claimed by a dispatcher, attempt in flight. If
+	// the dispatcher dies, the claim lapses and it is attempted again.
+	DeliveryDelivering DeliveryState = "delivering"
+	// DeliverySucceeded: the endpoint answered 2xx.
+	DeliverySucceeded DeliveryState = "succeeded"
+	// DeliveryDead: every attempt the retry policy allowed failed. It is
+	// kept and can be queued again with Subscriptions.RetryDelivery.
+	DeliveryDead DeliveryState = "dead"
+	// DeliveryCanceled: its subscription was deleted before it succeeded.
+	DeliveryCanceled DeliveryState = "canceled"
+)
+
+// Delivery is one event on its way to one subscription.
+type Delivery struct {
+	ID             string
+	EventID        string
+	SubscriptionID string
+	Tenant         string
+	State          DeliveryState
+	// Attempts is how many attempts were made.
+	Attempts int
+	// NextAttemptAt is when a pending delivery is next due (while
+	// delivering: when its claim lapses).
+	NextAttemptAt time.Time
+	// LastStatus and LastError describe the latest attempt.
+	LastStatus int
+	LastError  string
+	CreatedAt  time.Time
+	UpdatedAt  time.Time
+	// DeliveredAt is when it succeeded; zero until then.
+	DeliveredAt time.Time
+	// AttemptLog holds every attempt, oldest first.
+	AttemptLog []DeliveryAttempt
+}
+
+// DeliveryAttempt is the record of one HTTP attempt.
+type DeliveryAttempt struct {
+	Attempt    int
+	StartedAt  time.Time
+	Duration   time.Duration
+	StatusCode int    // 0 when no response arrived
+	Error      string // transport error or why the response counts as failed
+	// Response is the first ResponseExcerptBytes of the response body.
+	Response string
+}
+
+type deliveryRow struct {
+	ID             string        `db:"id"`
+	EventID        string        `db:"event_id"`
+	SubscriptionID string        `db:"subscription_id"`
+	Tenant         string        `db:"tenant"`
+	State          string        `db:"state"`
+	Attempts       int           `db:"attempts"`
+	NextAt         int64         `db:"next_at"`
+	LastStatus     int           `db:"last_status"`
+	LastError      string        `db:"last_error"`
+	CreatedAt      int64         `db:"created_at"`
+	UpdatedAt      int64         `db:"updated_at"`
+	DeliveredAt    sql.NullInt64 `db:"delivered_at"`
+}
+
+type attemptRow struct {
+	Attempt    int    `db:"attempt"`
+	StartedAt  int64  `db:"started_at"`
+	DurationMS int64  `db:"duration_ms"`
+	StatusCode int    `db:"status_code"`
+	Error      string `db:"error"`
+	Response   string `db:"response_body"`
+}
+
+// DeliveryListOptions selects a page of ListDeliveries.
+type DeliveryListOptions struct {
+	// State filters by state; empty means any.
+	State DeliveryState
+	// Limit and Cursor page as in ListOptions.
+	Limit  int
+	Cursor string
+}
+
+// DeliveryPage is one page of deliveries, ordered by ID (creation time).
+type DeliveryPage struct {
+	Deliveries []Delivery
+	NextCursor string
+}
+
+// Delivery returns the tenant's delivery id with its attempts.
+func (s *Subscriptions) Delivery(ctx context.Context, tenant, id string) (Delivery, error) {
+	var r deliveryRow
+	err := sqlx.GetContext(ctx, s.db, &r, store.SelectDelivery, tenant, id)
+	if errors.Is(err, sql.ErrNoRows) {
+		return Delivery{}, fmt.Errorf("%w: delivery %q", ErrNotFound, id)
+	}
+	if err != nil {
+		return Delivery{}, fmt.Errorf("webhooks: get delivery %q: %w", id, err)
+	}
+	return s.withAttempts(ctx, &r)
+}
+
+// ListDeliveries returns a page of the deliveries of the tenant's
+// subscription subscriptionID, with their attempts.
+func (s *Subscriptions) ListDeliveries(ctx context.Context, tenant, subscriptionID string, opts DeliveryListOptions) (DeliveryPage, error) {
+	limit, err := pageLimit(opts.Limit)
+	if err != nil {
+		return DeliveryPage{}, err
+	}
+	switch opts.State {
+	case "", DeliveryPending, DeliveryDelivering, DeliverySucceeded, DeliveryDead, DeliveryCanceled:
+	default:
+		return DeliveryPage{}, fmt.Errorf("%w: unknown delivery state %q", ErrInvalidSubscription, string(opts.State))
+	}
+	var rows []deliveryRow
+	if err := sqlx.SelectContext(ctx, s.db, &rows, store.ListDeliveries,
+		tenant, subscriptionID, string(opts.State), opts.Cursor, limit+1); err != nil {
+		return DeliveryPage{}, fmt.Errorf("webhooks: list deliveries: %w", err)
+	}
+	var page DeliveryPage
+	if len(rows) > limit {
+		rows = rows[:limit]
+		page.NextCursor = rows[limit-1].ID
+	}
+	for i := range rows {
+		dl, err := s.withAttempts(ctx, &rows[i])
+		if err != nil {
+			return DeliveryPage{}, err
+		}
+		page.Deliveries = append(page.Deliveries, dl)
+	}
+	return page, nil
+}
+
+func (s *Subscriptions) withAttempts(ctx context.Context, r *deliveryRow) (Delivery, error) {
+	dl := Delivery{
+		ID: r.ID, EventID: r.EventID, SubscriptionID: r.SubscriptionID, Tenant: r.Tenant,
+		State: DeliveryState(r.State), Attempts: r.Attempts, NextAttemptAt: fromMilli(r.NextAt),
+		LastStatus: r.LastStatus, LastError: r.LastError,
+		CreatedAt: fromMilli(r.CreatedAt), UpdatedAt: fromMilli(r.UpdatedAt),
+	}
+	if r.DeliveredAt.Valid {
+		dl.DeliveredAt = fromMilli(r.DeliveredAt.Int64)
+	}
+	var attempts []attemptRow
+	if err := sqlx.SelectContext(ctx, s.db, &attempts, store.SelectAttempts, r.ID); err != nil {
+		return Delivery{}, fmt.Errorf("webhooks: attempts of delivery %q: %w", r.ID, err)
+	}
+	for _, a := range attempts {
+		dl.AttemptLog = append(dl.AttemptLog, DeliveryAttempt{
+			Attempt: a.Attempt, StartedAt: fromMilli(a.StartedAt), Duration: time.Duration(a.DurationMS) * time.Millisecond,
+			StatusCode: a.StatusCode, Error: a.Error, Response: a.Response,
+		})
+	}
+	return dl, nil
+}
+
+// RetryDelivery queues the tenant's succeeded or dead delivery id to be
+// attempted again now (a replay: the receiver gets the same webhook-id).
+func (s *Subscriptions) RetryDelivery(ctx context.Context, tenant, id string) error {
+	now := s.clock.Now().UnixMilli()
+	res, err := s.db.ExecContext(ctx, store.RequeueDelivery, now, now, tenant, id)
+	if err != nil {
+		return fmt.Errorf("webhooks: retry delivery %q: %w", id, err)
+	}
+	if n, err := res.RowsAffected(); err != nil {
+		return fmt.Errorf("webhooks: retry delivery %q: %w", id, err)
+	} else if n == 0 {
+		if _, err := s.Delivery(ctx, tenant, id); err != nil {
+			return err
+		}
+		return fmt.Errorf("%w: delivery %q is neither succeeded nor dead", ErrInvalidSubscription, id)
+	}
+	return nil
+}
+
+// result is a finished attempt, as the worker hands it to the loop.
+type result struct {
+	job        *job
+	started    time.Time
+	duration   time.Duration
+	status     int
+	err        error
+	errText    string
+	retryAfter time.Duration
+	excerpt    string
+}
+
+// deliver makes one attempt of j.
+func (d *Dispatcher) deliver(ctx context.Context, j *job) result {
+	now := d.clock.Now()
+	r := result{job: j, started: now}
+	begin := time.Now()
+	defer func() { r.duration = time.Since(begin) }()
+
+	secrets, err := activeSecrets(j.Secrets, now)
+	if err == nil && len(secrets) == 0 {
+		err = errors.New("webhooks: subscription has no active secret")
+	}
+	var sig *signer
+	if err == nil {
+		sig, err = newSigner(secrets)
+	}
+	if err != nil {
+		r.err, r.errText = err, "cannot sign: "+err.Error()
+		r.duration = time.Since(begin)
+		return r
+	}
+	body := []byte(j.Payload)
+	ctx, cancel := context.WithTimeout(ctx, d.cfg.RequestTimeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, j.URL, bytes.NewReader(body))
+	if err != nil {
+		r.err, r.errText = err, "invalid request: "+err.Error()
+		r.duration = time.Since(begin)
+		return r
+	}
+	ts := now.Unix()
+	req.Header["Content-Type"] = []string{"application/json"}
+	req.Header["User-Agent"] = []string{d.cfg.UserAgent}
+	req.Header[HeaderWebhookID] = []string{j.EventID}
+	req.Header[HeaderWebhookTimestamp] = []string{strconv.FormatInt(ts, 10)}
+	req.Header[HeaderWebhookSignature] = []string{sig.header(j.EventID, ts, body)}
+
+	resp, err := d.client.Do(req)
+	if err != nil {
+		r.err, r.errText = err, transportError(err, d.cfg.RequestTimeout)
+		r.duration = time.Since(begin)
+		return r
+	}
+	defer resp.Body.Close()
+	r.status = resp.StatusCode
+	buf := make([]byte, ResponseExcerptBytes)
+	n, readErr := io.ReadFull(resp.Body, buf)
+	r.excerpt = cleanText(buf[:n])
+	if readErr == nil {
+		// Drain a little more so the connection can be reused.
+		_, _ = io.CopyN(io.Discard, resp.Body, 64<<10)
+	}
+	switch {
+	case r.status >= 200 && r.status < 300:
+	case r.status >= 300 && r.status < 400:
+		r.errText = fmt.Sprintf("HTTP %d: redirects are not followed", r.status)
+	default:
+		r.errText = fmt.Sprintf("HTTP %d", r.status)
+		r.retryAfter = retryAfter(resp, now)
+	}
+	r.duration = time.Since(begin)
+	return r
+}
+
+// transportError describes a failed request without repeating the URL.
+func transportError(err error, timeout time.Duration) string {
+	if errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Sprintf("timeout: no complete response within %v", timeout)
+	}
+	var ue interface{ Unwrap() error }
+	if errors.As(err, &ue) {
+		if inner := ue.Unwrap(); inner != nil {
+			return inner.Error()
+		}
+	}
+	return err.Error()
+}
+
+// cleanText makes a response excerpt storable as text in every database.
+func cleanText(b []byte) string {
+	s := string(b)
+	if !utf8.ValidString(s) {
+		s = strings.ToValidUTF8(s, "\uFFFD")
+	}
+	return strings.ReplaceAll(s, "\x00", "\uFFFD")
+}
+
+// idsJSON encodes IDs that need no escaping as a JSON array.
+func idsJSON(ids []string) string {
+	b, _ := json.Marshal(ids)
+	return string(b)
+}

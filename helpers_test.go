@@ -1,0 +1,261 @@
+package webhooks
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	standardwebhooks "github.com/standard-webhooks/standard-webhooks/libraries/go"
+
+	"github.com/outboxhook/webhooks/store/sqlite"
+)
+
+// openTestDB opens a migrated SQLite database in a fresh file.
+func openTestDB(t testing.TB) *sql.DB {
+	t.Helper()
+	return openTestDBAt(t, filepath.Join(t.TempDir(), "webhooks.db"))
+}
+
+func openTestDBAt(t testing.TB, path string) *sql.DB {
+	t.Helper()
+	ctx := context.Background()
+	db, err := sqlite.Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	if err := Migrate(ctx, db); err != nil {
+		t.Fatal(err)
+	}
+	return db
+}
+
+// fakeClock is a Clock that moves only when told to.
+type fakeClock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func newFakeClock() *fakeClock { return &fakeClock{now: time.Now()} }
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+func (c *fakeClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.now = c.now.Add(d)
+	c.mu.Unlock()
+}
+
+// received is one request a receiver got.
+type received struct {
+	ID, Timestamp, Signature string
+	Body                     []byte
+	Header                   http.Header
+	VerifyErr                error // from the Standard Webhooks reference library
+	Status                   int   // what the receiver answered
+}
+
+// receiver is a real HTTP endpoint that verifies every request with the
+// Standard Webhooks reference library and answers with respond (200 when
+// nil). n counts requests from 1.
+type receiver struct {
+	t       testing.TB
+	srv     *httptest.Server
+	respond func(n int, w http.ResponseWriter, r *http.Request) int
+
+	mu       sync.Mutex
+	secrets  []string
+	got      []received
+	ch       chan received
+	verifyTS bool // check the timestamp tolerance too (real clocks only)
+}
+
+func newReceiver(t testing.TB, respond func(n int, w http.ResponseWriter, r *http.Request) int) *receiver {
+	t.Helper()
+	rc := &receiver{t: t, respond: respond, ch: make(chan received, 100000), verifyTS: true}
+	rc.srv = httptest.NewServer(http.HandlerFunc(rc.serve))
+	t.Cleanup(rc.srv.Close)
+	return rc
+}
+
+func (rc *receiver) URL() string { return rc.srv.URL + "/hook" }
+
+// setSecrets sets the secrets signatures are checked against (any may match).
+func (rc *receiver) setSecrets(secrets ...string) {
+	rc.mu.Lock()
+	rc.secrets = secrets
+	rc.mu.Unlock()
+}
+
+func (rc *receiver) serve(w http.ResponseWriter, r *http.Request) {
+	body, _ := io.ReadAll(r.Body)
+	rc.mu.Lock()
+	n := len(rc.got) + 1
+	secrets := rc.secrets
+	rc.got = append(rc.got, received{})
+	rc.mu.Unlock()
+
+	rec := received{
+		ID: r.Header.Get("webhook-id"), Timestamp: r.Header.Get("webhook-timestamp"),
+		Signature: r.Header.Get("webhook-signature"), Body: body, Header: r.Header.Clone(),
+	}
+	rec.VerifyErr = fmt.Errorf("no secret matched")
+	for _, s := range secrets {
+		wh, err := standardwebhooks.NewWebhook(s)
+		if err != nil {
+			rec.VerifyErr = err
+			continue
+		}
+		if rc.verifyTS {
+			err = wh.Verify(body, r.Header)
+		} else {
+			err = wh.VerifyIgnoringTimestamp(body, r.Header)
+		}
+		if err == nil {
+			rec.VerifyErr = nil
+			break
+		}
+		rec.VerifyErr = err
+	}
+	status := http.StatusOK
+	if rc.respond != nil {
+		status = rc.respond(n, w, r)
+	}
+	if status != 0 {
+		w.WriteHeader(status)
+	}
+	rec.Status = status
+	rc.mu.Lock()
+	rc.got[n-1] = rec
+	rc.mu.Unlock()
+	rc.ch <- rec
+}
+
+// wait returns the next n requests, failing the test if they do not arrive
+// within a generous deadline (a hang guard, not a timing assertion).
+func (rc *receiver) wait(n int) []received {
+	rc.t.Helper()
+	out := make([]received, 0, n)
+	deadline := time.NewTimer(60 * time.Second)
+	defer deadline.Stop()
+	for len(out) < n {
+		select {
+		case r := <-rc.ch:
+			if r.VerifyErr != nil {
+				rc.t.Errorf("request %s failed Standard Webhooks verification: %v", r.ID, r.VerifyErr)
+			}
+			out = append(out, r)
+		case <-deadline.C:
+			rc.t.Fatalf("got %d of %d requests before the deadline", len(out), n)
+		}
+	}
+	return out
+}
+
+// count returns how many requests arrived so far.
+func (rc *receiver) count() int {
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	return len(rc.got)
+}
+
+// startDispatcher runs a dispatcher until the test ends (or stop is called).
+func startDispatcher(t testing.TB, db *sql.DB, cfg Config) (d *Dispatcher, stop func()) {
+	t.Helper()
+	if cfg.PollInterval == 0 {
+		cfg.PollInterval = 5 * time.Millisecond
+	}
+	d, err := NewDispatcher(db, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- d.Run(context.Background()) }()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			if err := d.Shutdown(ctx); err != nil {
+				t.Errorf("Shutdown: %v", err)
+			}
+			if err := <-errc; err != ErrDispatcherClosed {
+				t.Errorf("Run returned %v, want ErrDispatcherClosed", err)
+			}
+		})
+	}
+	t.Cleanup(stop)
+	return d, stop
+}
+
+// publishTx publishes events in one committed transaction.
+func publishTx(t testing.TB, db *sql.DB, events ...Event) []string {
+	t.Helper()
+	ctx := context.Background()
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for _, e := range events {
+		id, err := Publish(ctx, tx, e)
+		if err != nil {
+			tx.Rollback()
+			t.Fatal(err)
+		}
+		ids = append(ids, id)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	return ids
+}
+
+// mustSubscribe creates a subscription pointing at rc and teaches rc its
+// secret.
+func mustSubscribe(t testing.TB, subs *Subscriptions, rc *receiver, tenant string, types ...string) Subscription {
+	t.Helper()
+	sub, err := subs.Create(context.Background(), Subscription{Tenant: tenant, URL: rc.URL(), EventTypes: types})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc.setSecrets(sub.Secret)
+	return sub
+}
+
+func newTestSubscriptions(t testing.TB, db *sql.DB, clock Clock) *Subscriptions {
+	t.Helper()
+	subs, err := NewSubscriptions(db, SubscriptionsConfig{Clock: clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return subs
+}
+
+// countRows runs a COUNT query.
+func countRows(t testing.TB, db *sql.DB, query string, args ...any) int {
+	t.Helper()
+	var n int
+	if err := db.QueryRow(query, args...).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// noRetry is a policy that retries at once, up to max attempts.
+type immediateRetry struct{ max int }
+
+func (p immediateRetry) NextAttempt(f FailedAttempt) (time.Duration, bool) {
+	return 0, f.Attempt < p.max
+}

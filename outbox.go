@@ -1,0 +1,324 @@
+package webhooks
+
+import (
+	"bytes"
+	"context"
+	"database/sql"
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+	"unicode"
+	"unicode/utf8"
+
+	"github.com/outboxhook/webhooks/store"
+)
+
+// Limits on events.
+const (
+	// MaxPayloadBytesDefault is the default limit on the size of the body
+	// delivered for one event.
+	MaxPayloadBytesDefault = 256 << 10
+	// MaxEventTypeLength bounds an event type's length.
+	MaxEventTypeLength = 128
+	// MaxEventIDLength bounds a caller-chosen event ID's length.
+	MaxEventIDLength = 128
+	// MaxTenantLength bounds a tenant's length.
+	MaxTenantLength = 256
+)
+
+// Event is something that happened, to be delivered to every enabled
+// subscription of its tenant whose event types match its type.
+type Event struct {
+	// ID identifies the event; receivers deduplicate on it (it is sent as
+	// webhook-id and the payload's "id"). Empty means "evt_" followed by a
+	// UUIDv7, which sorts by time. A caller-chosen ID makes publishing
+	// idempotent: publishing it again returns ErrDuplicateEvent. At most
+	// MaxEventIDLength visible ASCII characters.
+	ID string
+	// Type names what happened, e.g. "order.shipped": dot-separated
+	// segments of letters, digits, '_' and '-'. Required.
+	Type string
+	// Tenant scopes the event: only subscriptions of the same tenant receive
+	// it. Empty is a tenant like any other (single-tenant applications).
+	Tenant string
+	// Data is the payload's "data": any value that marshals to a JSON
+	// object. A json.RawMessage is sent byte for byte as given. Nil means {}.
+	Data any
+	// OccurredAt is the payload's "timestamp". Zero means now.
+	OccurredAt time.Time
+}
+
+// Execer is what Publish writes through: *sql.Tx, *sqlx.Tx, *sql.DB,
+// *sqlx.DB and *sql.Conn all qualify. Pass the transaction that changes the
+// business data, so the event commits or rolls back with it.
+type Execer interface {
+	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
+}
+
+// Publisher publishes events with non-default settings. The zero value is
+// ready to use and behaves like the package-level Publish.
+type Publisher struct {
+	// MaxPayloadBytes limits the size of the delivered body (the JSON
+	// envelope with id, type, timestamp and data). Zero means
+	// MaxPayloadBytesDefault.
+	MaxPayloadBytes int
+	// Clock supplies OccurredAt when an event has none. Nil means the
+	// system clock.
+	Clock Clock
+}
+
+// Publish writes event into the outbox through tx, which should be the
+// transaction that changes the business data: if it rolls back, there is no
+// event; once it commits, the event will be delivered to every matching
+// subscription. Publish writes one row and nothing else. It returns the
+// event's ID.
+//
+// Invalid input returns an error wrapping ErrInvalidEvent or
+// ErrPayloadTooLarge before anything is written; an ID that already exists
+// returns ErrDuplicateEvent and writes nothing.
+func Publish(ctx context.Context, tx Execer, event Event) (string, error) {
+	var p Publisher
+	return p.Publish(ctx, tx, event)
+}
+
+// PublishBatch publishes several events with one statement: all of them or,
+// on any error, none. IDs must be unique within the batch.
+func PublishBatch(ctx context.Context, tx Execer, events ...Event) ([]string, error) {
+	var p Publisher
+	return p.PublishBatch(ctx, tx, events...)
+}
+
+// Publish is the package-level Publish with p's settings.
+func (p *Publisher) Publish(ctx context.Context, tx Execer, event Event) (string, error) {
+	row, err := p.row(event)
+	if err != nil {
+		return "", err
+	}
+	res, err := tx.ExecContext(ctx, store.InsertEvent, row.args()...)
+	if err != nil {
+		return "", fmt.Errorf("webhooks: publish %s: %w", row.id, err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return "", fmt.Errorf("webhooks: publish %s: %w", row.id, err)
+	}
+	if n == 0 {
+		return "", fmt.Errorf("%w: %s", ErrDuplicateEvent, row.id)
+	}
+	return row.id, nil
+}
+
+// PublishBatch is the package-level PublishBatch with p's settings.
+//
+// If any ID already exists the batch writes nothing and returns
+// ErrDuplicateEvent. (On PostgreSQL, an ID being inserted by another
+// transaction that has not committed yet is detected only when the
+// statement finishes; PublishBatch then also returns ErrDuplicateEvent, and
+// the caller must roll back its transaction.)
+func (p *Publisher) PublishBatch(ctx context.Context, tx Execer, events ...Event) ([]string, error) {
+	if len(events) == 0 {
+		return nil, nil
+	}
+	const maxBatch = 1000 // keeps the statement under every driver's parameter limit
+	if len(events) > maxBatch {
+		return nil, fmt.Errorf("%w: batch of %d events; at most %d", ErrInvalidEvent, len(events), maxBatch)
+	}
+	ids := make([]string, len(events))
+	args := make([]any, 0, len(events)*7)
+	seen := make(map[string]bool, len(events))
+	for i, e := range events {
+		row, err := p.row(e)
+		if err != nil {
+			return nil, fmt.Errorf("event %d: %w", i, err)
+		}
+		if seen[row.id] {
+			return nil, fmt.Errorf("%w: event %d: ID %s appears twice in the batch", ErrInvalidEvent, i, row.id)
+		}
+		seen[row.id] = true
+		ids[i] = row.id
+		args = append(args, row.args()...)
+	}
+	res, err := tx.ExecContext(ctx, store.InsertEventBatch(len(events)), args...)
+	if err != nil {
+		return nil, fmt.Errorf("webhooks: publish batch: %w", err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return nil, fmt.Errorf("webhooks: publish batch: %w", err)
+	}
+	if n != int64(len(events)) {
+		return nil, fmt.Errorf("%w: an event of the batch exists already; %d of %d written", ErrDuplicateEvent, n, len(events))
+	}
+	return ids, nil
+}
+
+// eventRow is a validated event as stored in the outbox.
+type eventRow struct {
+	id, typ, tenant string
+	payload         []byte
+	occurredAt      int64
+	createdAt       int64
+}
+
+func (r *eventRow) args() []any {
+	return []any{r.id, r.typ, r.tenant, string(r.payload), r.occurredAt, r.createdAt}
+}
+
+// row validates e and builds the row Publish stores.
+func (p *Publisher) row(e Event) (*eventRow, error) {
+	if err := validateEventType(e.Type); err != nil {
+		return nil, err
+	}
+	if err := validateTenant(e.Tenant); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrInvalidEvent, err)
+	}
+	id := e.ID
+	if id == "" {
+		var err error
+		if id, err = newID("evt_"); err != nil {
+			return nil, err
+		}
+	} else if err := validateEventID(id); err != nil {
+		return nil, err
+	}
+	data, err := marshalData(e.Data)
+	if err != nil {
+		return nil, err
+	}
+	now := clockOrSystem(p.Clock).Now()
+	occurred := e.OccurredAt
+	if occurred.IsZero() {
+		occurred = now
+	}
+	payload := buildPayload(id, e.Type, occurred, data)
+	limit := p.MaxPayloadBytes
+	if limit <= 0 {
+		limit = MaxPayloadBytesDefault
+	}
+	if len(payload) > limit {
+		return nil, fmt.Errorf("%w: %d bytes, limit %d", ErrPayloadTooLarge, len(payload), limit)
+	}
+	return &eventRow{
+		id: id, typ: e.Type, tenant: e.Tenant, payload: payload,
+		occurredAt: unixMilli(occurred), createdAt: unixMilli(now),
+	}, nil
+}
+
+// buildPayload writes the Standard Webhooks envelope by hand so a
+// json.RawMessage in data reaches the receiver byte for byte.
+func buildPayload(id, typ string, occurred time.Time, data []byte) []byte {
+	// id and type are validated ASCII without quotes or backslashes, so they
+	// need no escaping.
+	b := make([]byte, 0, len(data)+len(id)+len(typ)+80)
+	b = append(b, `{"id":"`...)
+	b = append(b, id...)
+	b = append(b, `","type":"`...)
+	b = append(b, typ...)
+	b = append(b, `","timestamp":"`...)
+	b = occurred.UTC().AppendFormat(b, time.RFC3339Nano)
+	b = append(b, `","data":`...)
+	b = append(b, data...)
+	b = append(b, '}')
+	return b
+}
+
+// marshalData returns data as a JSON object.
+func marshalData(data any) ([]byte, error) {
+	var b []byte
+	switch v := data.(type) {
+	case nil:
+		return []byte("{}"), nil
+	case json.RawMessage:
+		if v == nil {
+			return []byte("{}"), nil
+		}
+		if !json.Valid(v) {
+			return nil, fmt.Errorf("%w: data is not valid JSON", ErrInvalidEvent)
+		}
+		b = v
+	default:
+		var err error
+		if b, err = json.Marshal(data); err != nil {
+			return nil, fmt.Errorf("%w: data does not marshal to JSON: %v", ErrInvalidEvent, err)
+		}
+	}
+	if t := bytes.TrimLeft(b, " \t\r\n"); len(t) == 0 || t[0] != '{' {
+		return nil, fmt.Errorf("%w: data must be a JSON object, got %s", ErrInvalidEvent, jsonKind(t))
+	}
+	return b, nil
+}
+
+func jsonKind(b []byte) string {
+	if len(b) == 0 {
+		return "nothing"
+	}
+	switch b[0] {
+	case '[':
+		return "an array"
+	case '"':
+		return "a string"
+	case 'n':
+		return "null"
+	case 't', 'f':
+		return "a boolean"
+	}
+	return "a number"
+}
+
+// validateEventType checks an event type: dot-separated segments of ASCII
+// letters, digits, '_' and '-'.
+func validateEventType(t string) error {
+	if t == "" {
+		return fmt.Errorf("%w: event type is required", ErrInvalidEvent)
+	}
+	if len(t) > MaxEventTypeLength {
+		return fmt.Errorf("%w: event type is %d bytes long; at most %d", ErrInvalidEvent, len(t), MaxEventTypeLength)
+	}
+	for _, seg := range strings.Split(t, ".") {
+		if seg == "" {
+			return fmt.Errorf("%w: event type %q has an empty segment", ErrInvalidEvent, t)
+		}
+		for i := 0; i < len(seg); i++ {
+			if !isTypeChar(seg[i]) {
+				return fmt.Errorf("%w: event type %q: character %q not allowed (letters, digits, '_', '-' and '.')", ErrInvalidEvent, t, rune(seg[i]))
+			}
+		}
+	}
+	return nil
+}
+
+func isTypeChar(c byte) bool {
+	return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '-'
+}
+
+// validateEventID allows visible ASCII other than quotes and backslashes:
+// the ID travels in an HTTP header and unescaped in the JSON payload.
+func validateEventID(id string) error {
+	if len(id) > MaxEventIDLength {
+		return fmt.Errorf("%w: event ID is %d bytes long; at most %d", ErrInvalidEvent, len(id), MaxEventIDLength)
+	}
+	for i := 0; i < len(id); i++ {
+		if c := id[i]; c <= ' ' || c > '~' || c == '"' || c == '\\' {
+			return fmt.Errorf("%w: event ID %s: character at %d not allowed (visible ASCII other than '\"' and '\\')", ErrInvalidEvent, strconv.QuoteToASCII(id), i)
+		}
+	}
+	return nil
+}
+
+// validateTenant allows any UTF-8 text without control characters.
+func validateTenant(t string) error {
+	if len(t) > MaxTenantLength {
+		return fmt.Errorf("tenant is %d bytes long; at most %d", len(t), MaxTenantLength)
+	}
+	if !utf8.ValidString(t) {
+		return fmt.Errorf("tenant is not valid UTF-8")
+	}
+	for _, r := range t {
+		if unicode.IsControl(r) {
+			return fmt.Errorf("tenant %s contains a control character", strconv.QuoteToASCII(t))
+		}
+	}
+	return nil
+}

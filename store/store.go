@@ -1,0 +1,283 @@
+// Package store holds the SQL of outboxhook: the schema migrations and the
+// queries the webhooks package runs, one set per database dialect.
+//
+// Nothing here opens connections or imports a driver; the webhooks package
+// executes these statements on the *sql.DB it is given. Teams that manage
+// their schema with their own migration tool can copy the statements returned
+// by [Dialect.Migrations] (or the files under store/migrations/) and skip
+// webhooks.Migrate.
+//
+// Every statement uses $1..$n placeholders, numbered in the order they first
+// appear: go-sqlite3 binds $N parameters by position of first appearance, so
+// numbers out of order would bind the wrong values.
+package store
+
+import (
+	"embed"
+	"errors"
+	"fmt"
+	"io/fs"
+	"path"
+	"sort"
+	"strconv"
+	"strings"
+)
+
+// Dialect names a supported SQL dialect.
+type Dialect string
+
+// The supported dialects.
+const (
+	SQLite   Dialect = "sqlite"
+	Postgres Dialect = "postgres"
+)
+
+// ErrUnknownDialect is returned for a dialect this package has no SQL for.
+var ErrUnknownDialect = errors.New("store: unknown SQL dialect")
+
+//go:embed migrations
+var migrationFiles embed.FS
+
+// Migration is one versioned schema change.
+type Migration struct {
+	Version int    // 1, 2, ...: applied in increasing order
+	Name    string // file name, e.g. "0001_init.sql"
+	SQL     string // statements separated by semicolons
+}
+
+// Migrations returns the dialect's schema migrations in version order.
+func (d Dialect) Migrations() ([]Migration, error) {
+	dir := path.Join("migrations", string(d))
+	entries, err := fs.ReadDir(migrationFiles, dir)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %q", ErrUnknownDialect, string(d))
+	}
+	var out []Migration
+	for _, e := range entries {
+		name := e.Name()
+		if !strings.HasSuffix(name, ".sql") {
+			continue
+		}
+		prefix, _, _ := strings.Cut(name, "_")
+		v, err := strconv.Atoi(prefix)
+		if err != nil {
+			return nil, fmt.Errorf("store: migration %s has no numeric version prefix", name)
+		}
+		b, err := fs.ReadFile(migrationFiles, path.Join(dir, name))
+		if err != nil {
+			return nil, fmt.Errorf("store: read migration %s: %w", name, err)
+		}
+		out = append(out, Migration{Version: v, Name: name, SQL: string(b)})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Version < out[j].Version })
+	return out, nil
+}
+
+// InsertEvent is the one statement webhooks.Publish runs: it adds an event to
+// the outbox unless an event with the same ID exists. It is identical in every
+// dialect, so publishing needs no dialect knowledge.
+//
+// Parameters: id, type, tenant, payload, occurred_at, created_at.
+const InsertEvent = `INSERT INTO webhook_outbox (id, type, tenant, payload, occurred_at, created_at)
+VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING`
+
+// Queries is the dialect-specific SQL the dispatcher and the subscription
+// store run. Statements that are the same in every dialect are constants of
+// this package instead.
+type Queries struct {
+	// LockMigrations runs first in the migration transaction and serializes
+	// concurrent migrators. Empty when the transaction itself is exclusive.
+	LockMigrations string
+	// SelectUnexpanded: $1 limit. Returns seq, id, type, tenant.
+	SelectUnexpanded string
+	// SelectDueFirst and SelectDueRetry return due deliveries, first attempts
+	// and retries respectively: $1 now, $2 JSON array of subscription IDs to
+	// skip, $3 limit.
+	SelectDueFirst string
+	SelectDueRetry string
+	// ClaimDeliveries: $1 lease expiry, $2 claim token, $3 now, $4 JSON array
+	// of delivery IDs.
+	ClaimDeliveries string
+}
+
+// Queries returns the dialect's statements.
+func (d Dialect) Queries() (Queries, error) {
+	switch d {
+	case SQLite:
+		skip := fmt.Sprintf(jsonArraySQLite, "$2")
+		return Queries{
+			SelectUnexpanded: selectUnexpanded,
+			SelectDueFirst:   fmt.Sprintf(selectDue, "= 0", skip),
+			SelectDueRetry:   fmt.Sprintf(selectDue, "> 0", skip),
+			ClaimDeliveries:  fmt.Sprintf(claimDeliveries, fmt.Sprintf(jsonArraySQLite, "$4")),
+		}, nil
+	}
+	return Queries{}, fmt.Errorf("%w: %q", ErrUnknownDialect, string(d))
+}
+
+// jsonArraySQLite expands a JSON array parameter into a one-column row set.
+const jsonArraySQLite = `SELECT value FROM json_each(%s)`
+
+const selectUnexpanded = `SELECT seq, id, type, tenant FROM webhook_outbox
+WHERE expanded_at IS NULL ORDER BY seq LIMIT $1`
+
+// selectDue's first verb is the attempts condition (it selects the partial
+// index), the second the JSON array expansion.
+const selectDue = `SELECT d.id, d.event_id, d.subscription_id, d.attempts,
+       s.url, s.secrets, e.payload
+FROM webhook_deliveries d
+JOIN webhook_subscriptions s ON s.id = d.subscription_id
+JOIN webhook_outbox e ON e.id = d.event_id
+WHERE d.state IN ('pending', 'delivering') AND d.attempts %s
+  AND d.next_at <= $1
+  AND s.enabled = TRUE
+  AND d.subscription_id NOT IN (%s)
+ORDER BY d.next_at
+LIMIT $3`
+
+const claimDeliveries = `UPDATE webhook_deliveries
+SET state = 'delivering', next_at = $1, claim_token = $2, updated_at = $3
+WHERE id IN (%s)`
+
+// Statements that are the same in every dialect.
+const (
+	// SelectTenantSubscriptions: $1 tenant. The enabled subscriptions an
+	// event of that tenant may reach.
+	SelectTenantSubscriptions = `SELECT id, event_types FROM webhook_subscriptions
+WHERE tenant = $1 AND enabled = TRUE`
+
+	// InsertDelivery: $1 id, $2 event_id, $3 subscription_id, $4 tenant,
+	// $5 next_at, $6 created_at, $7 updated_at. A second expansion of the
+	// same event never makes a second delivery for the same subscription.
+	InsertDelivery = `INSERT INTO webhook_deliveries
+    (id, event_id, subscription_id, tenant, state, attempts, next_at, created_at, updated_at)
+VALUES ($1, $2, $3, $4, 'pending', 0, $5, $6, $7)
+ON CONFLICT (event_id, subscription_id) DO NOTHING`
+
+	// MarkExpanded: $1 expanded_at, $2 seq.
+	MarkExpanded = `UPDATE webhook_outbox SET expanded_at = $1 WHERE seq = $2 AND expanded_at IS NULL`
+
+	// RecordDelivery stores the outcome of an attempt, but only while the
+	// recording dispatcher still holds the claim: $1 state, $2 next_at,
+	// $3 last_status, $4 last_error, $5 updated_at, $6 delivered_at, $7 id,
+	// $8 claim_token.
+	RecordDelivery = `UPDATE webhook_deliveries
+SET state = $1, attempts = attempts + 1, next_at = $2, claim_token = NULL,
+    last_status = $3, last_error = $4, updated_at = $5, delivered_at = $6
+WHERE id = $7 AND claim_token = $8 AND state = 'delivering'`
+
+	// InsertAttempt: $1 delivery_id, $2 attempt, $3 started_at,
+	// $4 duration_ms, $5 status_code, $6 error, $7 response_body.
+	InsertAttempt = `INSERT INTO webhook_attempts
+    (delivery_id, attempt, started_at, duration_ms, status_code, error, response_body)
+VALUES ($1, $2, $3, $4, $5, $6, $7)`
+
+	// DisableSubscription: $1 reason, $2 updated_at, $3 id.
+	DisableSubscription = `UPDATE webhook_subscriptions
+SET enabled = FALSE, disabled_reason = $1, updated_at = $2 WHERE id = $3`
+)
+
+// Subscription statements.
+const (
+	subscriptionColumns = `id, tenant, url, event_types, secrets, description, metadata,
+       enabled, disabled_reason, created_at, updated_at`
+
+	// InsertSubscription: the columns of subscriptionColumns in order.
+	InsertSubscription = `INSERT INTO webhook_subscriptions (` + subscriptionColumns + `)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)`
+
+	// SelectSubscription: $1 tenant, $2 id.
+	SelectSubscription = `SELECT ` + subscriptionColumns + ` FROM webhook_subscriptions
+WHERE tenant = $1 AND id = $2`
+
+	// ListSubscriptions: $1 tenant, $2 cursor (exclusive; '' for the first
+	// page), $3 limit.
+	ListSubscriptions = `SELECT ` + subscriptionColumns + ` FROM webhook_subscriptions
+WHERE tenant = $1 AND id > $2 ORDER BY id LIMIT $3`
+
+	// CountSubscriptions: $1 tenant.
+	CountSubscriptions = `SELECT COUNT(*) FROM webhook_subscriptions WHERE tenant = $1`
+
+	// UpdateSubscription: $1 url, $2 event_types, $3 secrets,
+	// $4 description, $5 metadata, $6 enabled, $7 disabled_reason,
+	// $8 updated_at, $9 tenant, $10 id.
+	UpdateSubscription = `UPDATE webhook_subscriptions
+SET url = $1, event_types = $2, secrets = $3, description = $4, metadata = $5,
+    enabled = $6, disabled_reason = $7, updated_at = $8
+WHERE tenant = $9 AND id = $10`
+
+	// DeleteSubscription: $1 tenant, $2 id.
+	DeleteSubscription = `DELETE FROM webhook_subscriptions WHERE tenant = $1 AND id = $2`
+
+	// CancelSubscriptionDeliveries stops the pending deliveries of a deleted
+	// subscription: $1 updated_at, $2 subscription_id.
+	CancelSubscriptionDeliveries = `UPDATE webhook_deliveries
+SET state = 'canceled', claim_token = NULL, updated_at = $1
+WHERE subscription_id = $2 AND state IN ('pending', 'delivering')`
+)
+
+// Delivery statements.
+const (
+	deliveryColumns = `id, event_id, subscription_id, tenant, state, attempts, next_at,
+       last_status, last_error, created_at, updated_at, delivered_at`
+
+	// SelectDelivery: $1 tenant, $2 id.
+	SelectDelivery = `SELECT ` + deliveryColumns + ` FROM webhook_deliveries
+WHERE tenant = $1 AND id = $2`
+
+	// ListDeliveries: $1 tenant, $2 subscription_id, $3 state ('' for
+	// any), $4 cursor (exclusive; '' for the first page), $5 limit.
+	ListDeliveries = `SELECT ` + deliveryColumns + ` FROM webhook_deliveries
+WHERE tenant = $1 AND subscription_id = $2 AND ($3 = '' OR state = $3) AND id > $4
+ORDER BY id LIMIT $5`
+
+	// SelectAttempts: $1 delivery_id.
+	SelectAttempts = `SELECT attempt, started_at, duration_ms, status_code, error, response_body
+FROM webhook_attempts WHERE delivery_id = $1 ORDER BY attempt, id`
+
+	// RequeueDelivery makes a finished delivery due again: $1 next_at,
+	// $2 updated_at, $3 tenant, $4 id.
+	RequeueDelivery = `UPDATE webhook_deliveries
+SET state = 'pending', next_at = $1, updated_at = $2
+WHERE tenant = $3 AND id = $4 AND state IN ('succeeded', 'dead')`
+)
+
+// Migration bookkeeping, the same in every dialect.
+const (
+	// CreateMigrationsTable records which migrations were applied.
+	CreateMigrationsTable = `CREATE TABLE IF NOT EXISTS webhook_schema_migrations (
+    version    INTEGER PRIMARY KEY,
+    applied_at BIGINT  NOT NULL
+)`
+	// CountMigration: $1 version.
+	CountMigration = `SELECT COUNT(*) FROM webhook_schema_migrations WHERE version = $1`
+	// RecordMigration: $1 version, $2 applied_at.
+	RecordMigration = `INSERT INTO webhook_schema_migrations (version, applied_at) VALUES ($1, $2)`
+)
+
+// InsertEventBatch returns the statement PublishBatch runs for n events: it
+// inserts all n rows, or none when any of their IDs exists already.
+// Parameters: the six InsertEvent parameters of each event in turn.
+func InsertEventBatch(n int) string {
+	var b strings.Builder
+	b.WriteString(`INSERT INTO webhook_outbox (id, type, tenant, payload, occurred_at, created_at)
+SELECT column1, column2, column3, column4, column5, column6 FROM (VALUES `)
+	for i := 0; i < n; i++ {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		p := i*6 + 1
+		fmt.Fprintf(&b, "($%d, $%d, $%d, $%d, CAST($%d AS BIGINT), CAST($%d AS BIGINT))", p, p+1, p+2, p+3, p+4, p+5)
+	}
+	b.WriteString(`) AS v
+WHERE NOT EXISTS (SELECT 1 FROM webhook_outbox o WHERE o.id IN (`)
+	for i := 0; i < n; i++ {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		fmt.Fprintf(&b, "$%d", i*6+1)
+	}
+	b.WriteString(`))
+ON CONFLICT (id) DO NOTHING`)
+	return b.String()
+}
