@@ -16,6 +16,7 @@ import (
 
 	"github.com/jmoiron/sqlx"
 
+	"github.com/outboxhook/webhooks/internal/dbtx"
 	"github.com/outboxhook/webhooks/store"
 )
 
@@ -300,4 +301,41 @@ func cleanText(b []byte) string {
 func idsJSON(ids []string) string {
 	b, _ := json.Marshal(ids)
 	return string(b)
+}
+
+// TestEventType is the type of the event SendTest sends.
+const TestEventType = "webhook.test"
+
+// SendTest queues a "webhook.test" event for the tenant's subscription id
+// alone, whatever its event types, and returns its delivery. The dispatcher
+// sends it like any other delivery (signed, retried, recorded).
+func (s *Subscriptions) SendTest(ctx context.Context, tenant, id string) (Delivery, error) {
+	sub, err := s.Get(ctx, tenant, id)
+	if err != nil {
+		return Delivery{}, err
+	}
+	var p Publisher
+	p.Clock = s.clock
+	row, err := p.row(Event{Type: TestEventType, Tenant: tenant, Data: map[string]string{"subscriptionId": sub.ID}})
+	if err != nil {
+		return Delivery{}, err
+	}
+	deliveryID, err := newID("dlv_")
+	if err != nil {
+		return Delivery{}, err
+	}
+	now := s.clock.Now().UnixMilli()
+	err = dbtx.Run(ctx, s.db, s.dialect == DialectSQLite, func(tx dbtx.Tx) error {
+		if _, err := tx.ExecContext(ctx, store.InsertExpandedEvent, append(row.args(), now)...); err != nil {
+			return fmt.Errorf("webhooks: send test event: %w", err)
+		}
+		if _, err := tx.ExecContext(ctx, store.InsertDelivery, deliveryID, row.id, sub.ID, tenant, now, now, now); err != nil {
+			return fmt.Errorf("webhooks: send test event: %w", err)
+		}
+		return nil
+	})
+	if err != nil {
+		return Delivery{}, err
+	}
+	return s.Delivery(ctx, tenant, deliveryID)
 }

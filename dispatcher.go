@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/outboxhook/webhooks/internal/dbtx"
+	"github.com/outboxhook/webhooks/internal/pglisten"
 	"github.com/outboxhook/webhooks/store"
 )
 
@@ -199,10 +200,30 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	defer cancel()
 	defer d.closeIdle()
 
+	if d.q.NotifyChannel != "" {
+		// Wake on commit through LISTEN/NOTIFY; polling stays the fallback.
+		listenCtx, stopListening := context.WithCancel(ctx)
+		listening := make(chan struct{})
+		go func() {
+			defer close(listening)
+			err := pglisten.Run(listenCtx, d.db.DB, d.q.NotifyChannel, d.Notify, func(err error) {
+				d.log.Warn("webhooks: dispatcher: listening for new events failed; polling meanwhile", slog.Any("error", err))
+			}, maxErrorBackoff)
+			if err != nil {
+				d.log.Info("webhooks: dispatcher: not listening for notifications; polling only", slog.Any("error", err))
+			}
+		}()
+		defer func() { stopListening(); <-listening }()
+	}
+
 	l := &loop{d: d, ctx: ctx, workCtx: workCtx, perSub: map[string]int{},
 		results: make(chan result, d.cfg.Concurrency)}
 	return l.run()
 }
+
+// maxErrorBackoff bounds how long the dispatcher pauses after database
+// errors before trying again.
+const maxErrorBackoff = 5 * time.Second
 
 // Shutdown stops the dispatcher gracefully: it claims nothing more, lets the
 // deliveries in flight finish and records them, and returns once Run has
@@ -249,6 +270,9 @@ type loop struct {
 	inFlight int
 	perSub   map[string]int
 	finished []result
+
+	backoff    time.Duration // current pause after database errors
+	pauseUntil time.Time     // no database work before then
 }
 
 func (l *loop) run() error {
@@ -261,18 +285,19 @@ func (l *loop) run() error {
 	poll := true // look for work at once on start
 	moreEvents, moreDue := false, false
 	for {
-		if len(l.finished) > 0 {
+		// After a database error (a restart, a failover) the loop pauses,
+		// with growing delays, instead of hammering the database.
+		healthy := !time.Now().Before(l.pauseUntil)
+		if len(l.finished) > 0 && (healthy || stopping) {
 			l.record()
 		}
 		if stopping && l.inFlight == 0 {
 			return ErrDispatcherClosed
 		}
-		if !stopping {
+		if !stopping && healthy {
 			if poll || moreEvents {
 				n, err := d.expand(l.ctx)
-				if err != nil {
-					l.logErr("expand events", err)
-				}
+				l.check("expand events", err)
 				moreEvents = err == nil && n == d.cfg.BatchSize
 				if n > 0 {
 					poll = true // new deliveries are due now
@@ -283,9 +308,7 @@ func (l *loop) run() error {
 			// and enough slots are free to make a claim worth a transaction.
 			if free > 0 && (poll || moreDue && (free >= d.cfg.Concurrency/4 || l.inFlight == 0)) {
 				jobs, more, err := d.claim(l.ctx, free, l.perSub, !moreDue)
-				if err != nil {
-					l.logErr("claim deliveries", err)
-				}
+				l.check("claim deliveries", err)
 				moreDue = err == nil && more
 				for _, j := range jobs {
 					l.start(j)
@@ -297,6 +320,9 @@ func (l *loop) run() error {
 			return l.hardStop()
 		}
 		if moreEvents {
+			// More events wait to be expanded: take finished results (so
+			// slots free up and claims go on), but do not block.
+			l.drain()
 			continue
 		}
 		select {
@@ -310,10 +336,6 @@ func (l *loop) run() error {
 		case <-d.wake:
 			poll = true
 		case <-d.stopping:
-			stopping = true
-		}
-		if stopping {
-			continue
 		}
 		select {
 		case <-d.stopping:
@@ -352,13 +374,32 @@ func (l *loop) drain() {
 	}
 }
 
+// record stores the finished attempts. If that fails they are kept and
+// recorded after the pause; should the process end first, their claims lapse
+// and the deliveries are made again (at least once).
 func (l *loop) record() {
-	if err := l.d.record(l.ctx, l.finished); err != nil {
-		// The claims lapse and the deliveries are made again: at least once.
-		l.logErr("record attempts", err)
+	err := l.d.record(l.ctx, l.finished)
+	l.check("record attempts", err)
+	if err != nil && l.ctx.Err() == nil {
+		return
 	}
 	clear(l.finished)
 	l.finished = l.finished[:0]
+}
+
+// check logs a failed database step and pauses the loop, doubling the pause
+// while failures go on; a success ends the pause.
+func (l *loop) check(what string, err error) {
+	if err == nil {
+		l.backoff = 0
+		return
+	}
+	if l.ctx.Err() != nil && errors.Is(err, l.ctx.Err()) {
+		return
+	}
+	l.backoff = min(max(2*l.backoff, l.d.cfg.PollInterval), maxErrorBackoff)
+	l.pauseUntil = time.Now().Add(l.backoff)
+	l.d.log.Error("webhooks: dispatcher: "+what, slog.Any("error", err), slog.Duration("retry_in", l.backoff))
 }
 
 // hardStop aborts the requests in flight and waits for their workers.
@@ -372,12 +413,6 @@ func (l *loop) hardStop() error {
 	return l.ctx.Err()
 }
 
-func (l *loop) logErr(what string, err error) {
-	if l.ctx.Err() != nil && errors.Is(err, l.ctx.Err()) {
-		return
-	}
-	l.d.log.Error("webhooks: dispatcher: "+what, slog.Any("error", err))
-}
 
 // expand turns up to BatchSize unexpanded events into deliveries, one per
 // matching enabled subscription of the event's tenant, and marks the events

@@ -115,6 +115,7 @@ type SubscriptionsConfig struct {
 type Subscriptions struct {
 	db      *sqlx.DB
 	dialect Dialect
+	q       store.Queries
 	clock   Clock
 }
 
@@ -125,7 +126,11 @@ func NewSubscriptions(db *sql.DB, cfg SubscriptionsConfig) (*Subscriptions, erro
 	if err != nil {
 		return nil, err
 	}
-	return &Subscriptions{db: sqlx.NewDb(db, driverName(d)), dialect: d, clock: clockOrSystem(cfg.Clock)}, nil
+	q, err := d.Queries()
+	if err != nil {
+		return nil, fmt.Errorf("webhooks: %w", err)
+	}
+	return &Subscriptions{db: sqlx.NewDb(db, driverName(d)), dialect: d, q: q, clock: clockOrSystem(cfg.Clock)}, nil
 }
 
 // subscriptionRow is the database form of a Subscription.
@@ -181,12 +186,12 @@ func (s *Subscriptions) Create(ctx context.Context, sub Subscription) (Subscript
 
 // Get returns the tenant's subscription id.
 func (s *Subscriptions) Get(ctx context.Context, tenant, id string) (Subscription, error) {
-	return s.get(ctx, s.db, tenant, id)
+	return s.get(ctx, s.db, store.SelectSubscription, tenant, id)
 }
 
-func (s *Subscriptions) get(ctx context.Context, q sqlx.QueryerContext, tenant, id string) (Subscription, error) {
+func (s *Subscriptions) get(ctx context.Context, q sqlx.QueryerContext, query, tenant, id string) (Subscription, error) {
 	var r subscriptionRow
-	err := sqlx.GetContext(ctx, q, &r, store.SelectSubscription, tenant, id)
+	err := sqlx.GetContext(ctx, q, &r, query, tenant, id)
 	if errors.Is(err, sql.ErrNoRows) {
 		return Subscription{}, fmt.Errorf("%w: subscription %q", ErrNotFound, id)
 	}
@@ -308,7 +313,7 @@ func (s *Subscriptions) RotateSecret(ctx context.Context, tenant, id, newSecret 
 func (s *Subscriptions) modify(ctx context.Context, tenant, id string, change func(*Subscription) error) (Subscription, error) {
 	var out Subscription
 	err := dbtx.Run(ctx, s.db, s.dialect == DialectSQLite, func(tx dbtx.Tx) error {
-		sub, err := s.get(ctx, tx, tenant, id)
+		sub, err := s.get(ctx, tx, s.q.SelectSubscriptionForUpdate, tenant, id)
 		if err != nil {
 			return err
 		}

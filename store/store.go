@@ -98,22 +98,48 @@ type Queries struct {
 	// ClaimDeliveries: $1 lease expiry, $2 claim token, $3 now, $4 JSON array
 	// of delivery IDs.
 	ClaimDeliveries string
+	// SelectSubscriptionForUpdate is SelectSubscription, locking the row
+	// for a read-modify-write.
+	SelectSubscriptionForUpdate string
+	// NotifyChannel, when not empty, is the channel a trigger notifies when
+	// events are inserted into the outbox (PostgreSQL LISTEN/NOTIFY).
+	NotifyChannel string
 }
 
 // Queries returns the dialect's statements.
 func (d Dialect) Queries() (Queries, error) {
 	switch d {
 	case SQLite:
+		// SQLite has one writer at a time: transactions begin with
+		// BEGIN IMMEDIATE, so plain selects are already exclusive.
 		skip := fmt.Sprintf(jsonArraySQLite, "$2")
 		return Queries{
-			SelectUnexpanded: selectUnexpanded,
-			SelectDueFirst:   fmt.Sprintf(selectDue, "= 0", skip),
-			SelectDueRetry:   fmt.Sprintf(selectDue, "> 0", skip),
-			ClaimDeliveries:  fmt.Sprintf(claimDeliveries, fmt.Sprintf(jsonArraySQLite, "$4")),
+			SelectUnexpanded:            selectUnexpanded,
+			SelectDueFirst:              fmt.Sprintf(selectDue, "= 0", skip),
+			SelectDueRetry:              fmt.Sprintf(selectDue, "> 0", skip),
+			ClaimDeliveries:             fmt.Sprintf(claimDeliveries, fmt.Sprintf(jsonArraySQLite, "$4")),
+			SelectSubscriptionForUpdate: SelectSubscription,
+		}, nil
+	case Postgres:
+		// Several dispatchers work side by side: each locks the rows it
+		// takes and skips those another one holds.
+		skip := fmt.Sprintf(jsonArrayPostgres, "$2")
+		return Queries{
+			LockMigrations:              `SELECT pg_advisory_xact_lock(7316101326475121)`,
+			SelectUnexpanded:            selectUnexpanded + "\nFOR UPDATE SKIP LOCKED",
+			SelectDueFirst:              fmt.Sprintf(selectDue, "= 0", skip) + "\nFOR UPDATE OF d SKIP LOCKED",
+			SelectDueRetry:              fmt.Sprintf(selectDue, "> 0", skip) + "\nFOR UPDATE OF d SKIP LOCKED",
+			ClaimDeliveries:             fmt.Sprintf(claimDeliveries, fmt.Sprintf(jsonArrayPostgres, "$4")),
+			SelectSubscriptionForUpdate: SelectSubscription + "\nFOR UPDATE",
+			NotifyChannel:               "webhook_outbox",
 		}, nil
 	}
 	return Queries{}, fmt.Errorf("%w: %q", ErrUnknownDialect, string(d))
 }
+
+// jsonArrayPostgres expands a JSON array parameter into a one-column row
+// set.
+const jsonArrayPostgres = `SELECT jsonb_array_elements_text(CAST(%s AS jsonb))`
 
 // jsonArraySQLite expands a JSON array parameter into a one-column row set.
 const jsonArraySQLite = `SELECT value FROM json_each(%s)`
@@ -281,3 +307,9 @@ WHERE NOT EXISTS (SELECT 1 FROM webhook_outbox o WHERE o.id IN (`)
 ON CONFLICT (id) DO NOTHING`)
 	return b.String()
 }
+
+// InsertExpandedEvent adds an event that needs no expansion because its
+// deliveries are inserted with it (a test event for one subscription).
+// Parameters: as InsertEvent, then $7 expanded_at.
+const InsertExpandedEvent = `INSERT INTO webhook_outbox (id, type, tenant, payload, occurred_at, created_at, expanded_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7)`
