@@ -413,7 +413,6 @@ func (l *loop) hardStop() error {
 	return l.ctx.Err()
 }
 
-
 // expand turns up to BatchSize unexpanded events into deliveries, one per
 // matching enabled subscription of the event's tenant, and marks the events
 // expanded, all in one transaction. It returns how many events it expanded.

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/outboxhook/webhooks/store"
+	"github.com/outboxhook/webhooks/store/postgres"
 	"github.com/outboxhook/webhooks/store/sqlite"
 )
 
@@ -107,5 +108,49 @@ func TestSQLiteDSN(t *testing.T) {
 	}
 	if err := db.QueryRow(`PRAGMA busy_timeout`).Scan(&busy); err != nil || busy != 10000 {
 		t.Errorf("busy_timeout %d %v", busy, err)
+	}
+}
+
+func TestMigrateConcurrentlyOnPostgres(t *testing.T) {
+	dsn := postgresDSN(t)
+	ctx := context.Background()
+	first := openPostgresTestDB(t) // a fresh, migrated schema
+	var schema string
+	if err := first.QueryRow(`SELECT current_schema()`).Scan(&schema); err != nil {
+		t.Fatal(err)
+	}
+	// Start over in that schema, then migrate from several handles at once.
+	for _, stmt := range []string{
+		"DROP TABLE webhook_outbox, webhook_subscriptions, webhook_deliveries, webhook_attempts, webhook_schema_migrations",
+		"DROP FUNCTION webhook_outbox_notify()",
+	} {
+		if _, err := first.Exec(stmt); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const procs = 6
+	errs := make(chan error, procs)
+	var wg sync.WaitGroup
+	for i := 0; i < procs; i++ {
+		db, err := postgres.Open(ctx, withSearchPath(t, dsn, schema))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer db.Close()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs <- Migrate(ctx, db)
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatalf("concurrent Migrate: %v", err)
+		}
+	}
+	if n := countRows(t, first, `SELECT COUNT(*) FROM webhook_schema_migrations`); n != 1 {
+		t.Fatalf("%d recorded migrations, want 1", n)
 	}
 }
