@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jmoiron/sqlx"
@@ -89,6 +90,10 @@ type Dispatcher struct {
 	wake     chan struct{}
 	stopping chan struct{} // closed by Shutdown: claim nothing more
 	done     chan struct{} // closed when Run has returned
+
+	// retryTurn says the next claim that finds both first attempts and
+	// retries due starts with a retry.
+	retryTurn atomic.Bool
 
 	mu         sync.Mutex
 	started    bool
@@ -323,6 +328,11 @@ func (l *loop) run() error {
 			// More events wait to be expanded: take finished results (so
 			// slots free up and claims go on), but do not block.
 			l.drain()
+			select {
+			case <-d.stopping:
+				stopping = true
+			default:
+			}
 			continue
 		}
 		select {
@@ -540,9 +550,16 @@ func (d *Dispatcher) claim(ctx context.Context, free int, perSub map[string]int,
 				jobs = append(jobs, j)
 			}
 		}
-		// Alternate between the lanes while both have work.
+		// Alternate between the lanes while both have work. Successive
+		// claims start with either lane in turn, so that claims of one slot
+		// (Concurrency 1, or a single slot freed) serve retries too.
+		both := len(first) > 0 && len(retry) > 0
+		retryTurn := both && d.retryTurn.Load()
+		if both {
+			d.retryTurn.Store(!retryTurn)
+		}
 		for i, k := 0, 0; len(jobs) < free && (i < len(first) || k < len(retry)); {
-			if i < len(first) && (len(jobs)%2 == 0 || k >= len(retry)) {
+			if i < len(first) && ((len(jobs)%2 == 0) != retryTurn || k >= len(retry)) {
 				take(first[i])
 				i++
 			} else {
