@@ -7,9 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
+	"net/netip"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/jmoiron/sqlx"
@@ -17,6 +20,7 @@ import (
 
 	"github.com/outboxhook/webhooks/internal/dbtx"
 	"github.com/outboxhook/webhooks/internal/pglisten"
+	"github.com/outboxhook/webhooks/internal/ssrf"
 	"github.com/outboxhook/webhooks/store"
 )
 
@@ -64,9 +68,21 @@ type Config struct {
 	UserAgent string
 	// Logger receives the dispatcher's logs. Nil means slog.Default().
 	Logger *slog.Logger
+	// AllowedNetworks lists the otherwise forbidden address ranges the
+	// default HTTP client may connect to. By default it refuses, at dial
+	// time and on the resolved address (so DNS rebinding cannot pass),
+	// loopback, private, link-local (cloud metadata included), CGNAT,
+	// multicast, unspecified and reserved addresses: a tenant's callback URL
+	// must not reach into the service's own network. Add e.g.
+	// netip.MustParsePrefix("127.0.0.0/8") for local receivers in tests, or
+	// your private ranges when webhooks go to internal services.
+	AllowedNetworks []netip.Prefix
 	// HTTPClient sends the deliveries. Nil means a client with a transport
-	// sized for Concurrency. Redirects are never followed (a 3xx answer is a
-	// failed attempt), whatever the client's CheckRedirect says.
+	// sized for Concurrency that enforces AllowedNetworks and uses no proxy.
+	// A client you provide is used as it is: give its dialer
+	// DialControl(allowed) to keep the protection. Redirects are never
+	// followed (a 3xx answer is a failed attempt), whatever the client's
+	// CheckRedirect says.
 	HTTPClient *http.Client
 	// Clock tells the time for scheduling, leases and signatures. Nil means
 	// the system clock.
@@ -125,6 +141,9 @@ func NewDispatcher(db *sql.DB, cfg Config) (*Dispatcher, error) {
 		disp.client = &c
 	} else {
 		tr := http.DefaultTransport.(*http.Transport).Clone()
+		dialer := &net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second, Control: DialControl(cfg.AllowedNetworks)}
+		tr.DialContext = dialer.DialContext
+		tr.Proxy = nil // behind a proxy, the dial check would judge the proxy's address
 		tr.MaxIdleConns = cfg.Concurrency * 2
 		tr.MaxIdleConnsPerHost = cfg.Concurrency
 		disp.client, disp.ownTr = &http.Client{Transport: tr}, tr
@@ -175,6 +194,14 @@ func setDefault[T comparable](v *T, def T) {
 	if *v == zero {
 		*v = def
 	}
+}
+
+// DialControl returns a net.Dialer Control function that refuses connections
+// to loopback, private, link-local, CGNAT, multicast, unspecified and reserved
+// addresses unless they fall in allowed. The dispatcher's default client uses
+// it; give it to the dialer of a Config.HTTPClient of your own.
+func DialControl(allowed []netip.Prefix) func(network, address string, c syscall.RawConn) error {
+	return ssrf.Policy{Allowed: allowed}.Control
 }
 
 // Notify wakes the dispatcher so it looks for new events at once rather than

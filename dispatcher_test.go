@@ -463,7 +463,7 @@ func TestShutdownFinishesInFlightAndLeavesNoGoroutine(t *testing.T) {
 			return http.StatusOK
 		})
 		mustSubscribe(t, subs, rc, "", "*")
-		d, err := NewDispatcher(db, Config{PollInterval: 5 * time.Millisecond})
+		d, err := NewDispatcher(db, allowLoopback(Config{PollInterval: 5 * time.Millisecond}))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -517,7 +517,7 @@ func TestShutdownDeadlineAbortsInFlight(t *testing.T) {
 			return 0
 		})
 		mustSubscribe(t, subs, rc, "", "*")
-		d, err := NewDispatcher(db, Config{PollInterval: 5 * time.Millisecond, RequestTimeout: time.Hour, LeaseDuration: 2 * time.Hour})
+		d, err := NewDispatcher(db, allowLoopback(Config{PollInterval: 5 * time.Millisecond, RequestTimeout: time.Hour, LeaseDuration: 2 * time.Hour}))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -622,4 +622,46 @@ func TestSendTestReachesOnlyThatSubscription(t *testing.T) {
 			t.Fatalf("the test event reached another subscription (%d requests)", n)
 		}
 	})
+}
+
+func TestDefaultClientRefusesPrivateAddressesAtDialTime(t *testing.T) {
+	db := openTestDB(t)
+	subs := newTestSubscriptions(t, db, nil)
+	rc := newReceiver(t, nil) // listens on 127.0.0.1
+	mustSubscribe(t, subs, rc, "", "*")
+	publishTx(t, db, Event{Type: "a.b"})
+	ctx := context.Background()
+	for _, allowed := range []bool{false, true} {
+		cfg := Config{RetryPolicy: immediateRetry{max: 5}}
+		if allowed {
+			cfg.AllowedNetworks = loopbackNetworks
+		}
+		d, err := NewDispatcher(db, cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := d.expand(ctx); err != nil {
+			t.Fatal(err)
+		}
+		jobs, _, err := d.claim(ctx, 1, map[string]int{}, false)
+		if err != nil || len(jobs) != 1 {
+			t.Fatalf("claim: %d %v", len(jobs), err)
+		}
+		r := d.deliver(ctx, jobs[0])
+		if allowed {
+			if r.err != nil || r.status != 200 {
+				t.Fatalf("allowlisted loopback: status %d, err %v", r.status, r.err)
+			}
+			continue
+		}
+		if r.err == nil || !strings.Contains(r.errText, "refused") {
+			t.Fatalf("loopback not refused by default: status %d, err %v", r.status, r.err)
+		}
+		if n := rc.count(); n != 0 {
+			t.Fatalf("the receiver was contacted (%d requests)", n)
+		}
+		if err := d.record(ctx, []result{r}); err != nil {
+			t.Fatal(err)
+		}
+	}
 }

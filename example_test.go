@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"os"
 	"path/filepath"
 
@@ -89,6 +90,9 @@ func ExampleDispatcher() {
 
 	d, err := webhooks.NewDispatcher(db, webhooks.Config{
 		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		// The receiver here is local; by default loopback and private
+		// addresses are refused at dial time.
+		AllowedNetworks: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")},
 	})
 	if err != nil {
 		log.Fatal(err)

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -178,13 +179,25 @@ func (rc *receiver) count() int {
 	return len(rc.got)
 }
 
+// loopbackNetworks are the ranges the tests' local receivers listen on.
+var loopbackNetworks = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")}
+
+// allowLoopback lets a test dispatcher's default client reach the local
+// receivers, which the dial-time check refuses otherwise.
+func allowLoopback(cfg Config) Config {
+	if cfg.AllowedNetworks == nil && cfg.HTTPClient == nil {
+		cfg.AllowedNetworks = loopbackNetworks
+	}
+	return cfg
+}
+
 // startDispatcher runs a dispatcher until the test ends (or stop is called).
 func startDispatcher(t testing.TB, db *sql.DB, cfg Config) (d *Dispatcher, stop func()) {
 	t.Helper()
 	if cfg.PollInterval == 0 {
 		cfg.PollInterval = 5 * time.Millisecond
 	}
-	d, err := NewDispatcher(db, cfg)
+	d, err := NewDispatcher(db, allowLoopback(cfg))
 	if err != nil {
 		t.Fatal(err)
 	}

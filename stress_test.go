@@ -144,7 +144,7 @@ func TestCrashHelperProcess(t *testing.T) {
 	if err := db.QueryRowContext(ctx, `SELECT COUNT(*) FROM webhook_subscriptions WHERE url = $1`, os.Getenv(crashURLEnv)).Scan(&n); err != nil || n != 1 {
 		t.Fatalf("child sees %d subscriptions to the receiver (err %v)", n, err)
 	}
-	d, err := NewDispatcher(db, crashConfig(crashUAChild, nil, nil))
+	d, err := NewDispatcher(db, allowLoopback(crashConfig(crashUAChild, nil, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}

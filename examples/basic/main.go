@@ -33,6 +33,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -174,6 +175,10 @@ func run(ctx context.Context, out io.Writer, dbPath string) (err error) {
 			Jitter:   -1,
 		},
 		Logger: slog.New(slog.NewTextHandler(p, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		// The receivers here are local. By default loopback and private
+		// addresses are refused when connecting, so that a tenant's
+		// callback URL cannot reach into the service's own network.
+		AllowedNetworks: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")},
 	})
 	if err != nil {
 		return err
