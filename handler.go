@@ -12,7 +12,6 @@ import (
 	"path"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/outboxhook/webhooks/internal/ssrf"
@@ -81,9 +80,8 @@ type HandlerConfig struct {
 	AllowedNetworks []netip.Prefix
 	// MaxSubscriptionsPerTenant bounds how many subscriptions one tenant
 	// may have; creating one more answers 409. Zero means
-	// MaxSubscriptionsPerTenantDefault. The count is checked and the
-	// subscription created under a lock of this handler, so several
-	// processes sharing a database can exceed it by a few.
+	// MaxSubscriptionsPerTenantDefault. The limit holds exactly, also
+	// across processes sharing the database.
 	MaxSubscriptionsPerTenant int
 	// SecretGracePeriod is how long the previous secret keeps signing
 	// beside the new one after POST .../rotate-secret. Zero means
@@ -115,7 +113,6 @@ type handler struct {
 	log      *slog.Logger
 	catalog  []EventTypeInfo
 	mux      *http.ServeMux
-	createMu sync.Mutex // serializes the count-then-create of POST
 }
 
 // route is one operation of the API.
@@ -343,18 +340,12 @@ func (h *handler) createSubscription(w http.ResponseWriter, r *http.Request, ten
 	}
 	sub.Tenant = tenant
 
-	h.createMu.Lock()
-	n, err := h.subs.Count(r.Context(), tenant)
-	if err == nil && n >= h.cfg.MaxSubscriptionsPerTenant {
-		h.createMu.Unlock()
+	sub, err := h.subs.create(r.Context(), sub, h.cfg.MaxSubscriptionsPerTenant)
+	if errors.Is(err, ErrSubscriptionLimit) {
 		h.writeProblem(w, r, &problem{Type: problemTypeSubscriptionLimit, Status: http.StatusConflict,
-			Detail: fmt.Sprintf("this account has %d subscriptions, the most allowed; delete one first", n)})
+			Detail: fmt.Sprintf("this account has %d subscriptions, the most allowed; delete one first", h.cfg.MaxSubscriptionsPerTenant)})
 		return
 	}
-	if err == nil {
-		sub, err = h.subs.Create(r.Context(), sub)
-	}
-	h.createMu.Unlock()
 	if err != nil {
 		h.storeError(w, r, err, "create subscription")
 		return

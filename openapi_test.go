@@ -1,6 +1,7 @@
 package webhooks
 
 import (
+	"database/sql"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -311,133 +312,135 @@ func TestOpenAPIDescribesExactlyTheRoutes(t *testing.T) {
 // error paths and checks each response against openapi.yaml; then it checks
 // a real delivery against the spec's webhook.
 func TestOpenAPIResponsesConform(t *testing.T) {
-	s := loadSpec(t)
-	c := &conformance{s: s, covered: map[string]map[string]bool{}}
-	db := openTestDB(t)
-	api := newTestAPIOn(t, db, HandlerConfig{AllowHTTP: true, AllowedNetworks: loopbackNetworks, MaxSubscriptionsPerTenant: 3,
-		EventTypes: []EventTypeInfo{{Name: "order.shipped", Description: "An order left."}}})
-	api.record = c.record
-	// broken answers 500 everywhere: its Authenticate names an unusable
-	// tenant.
-	broken := newTestAPIOn(t, db, HandlerConfig{Authenticate: func(*http.Request) (string, error) { return "\x07", nil }})
-	broken.record = c.record
+	forEachBackend(t, func(t *testing.T, openTestDB func(testing.TB) *sql.DB) {
+		s := loadSpec(t)
+		c := &conformance{s: s, covered: map[string]map[string]bool{}}
+		db := openTestDB(t)
+		api := newTestAPIOn(t, db, HandlerConfig{AllowHTTP: true, AllowedNetworks: loopbackNetworks, MaxSubscriptionsPerTenant: 3,
+			EventTypes: []EventTypeInfo{{Name: "order.shipped", Description: "An order left."}}})
+		api.record = c.record
+		// broken answers 500 everywhere: its Authenticate names an unusable
+		// tenant.
+		broken := newTestAPIOn(t, db, HandlerConfig{Authenticate: func(*http.Request) (string, error) { return "\x07", nil }})
+		broken.record = c.record
 
-	rc := newReceiver(t, nil)
-	created := api.do(acmeJSONReq("POST", tmplSubs, "", `{"eventTypes":["order.*"],"callbackUrl":"`+rc.URL()+`","description":"d","metadata":{"k":"v"}}`))
-	id := created.json(t)["subscriptionId"].(string)
-	rc.setSecrets(created.json(t)["secret"].(string))
-	api.do(acmeJSONReq("POST", tmplSubs, "", `{"eventType":"order.shipped","callbackUrl":"https://public.example/"}`))
-	spare := api.do(acmeJSONReq("POST", tmplSubs, "", `{"eventTypes":["*"],"callbackUrl":"https://public.example/","enabled":false}`)).json(t)["subscriptionId"].(string)
-	api.do(acmeJSONReq("POST", tmplSubs, "", `{"eventTypes":["*"],"callbackUrl":"https://public.example/"}`)) // 409: the fourth
+		rc := newReceiver(t, nil)
+		created := api.do(acmeJSONReq("POST", tmplSubs, "", `{"eventTypes":["order.*"],"callbackUrl":"`+rc.URL()+`","description":"d","metadata":{"k":"v"}}`))
+		id := created.json(t)["subscriptionId"].(string)
+		rc.setSecrets(created.json(t)["secret"].(string))
+		api.do(acmeJSONReq("POST", tmplSubs, "", `{"eventType":"order.shipped","callbackUrl":"https://public.example/"}`))
+		spare := api.do(acmeJSONReq("POST", tmplSubs, "", `{"eventTypes":["*"],"callbackUrl":"https://public.example/","enabled":false}`)).json(t)["subscriptionId"].(string)
+		api.do(acmeJSONReq("POST", tmplSubs, "", `{"eventTypes":["*"],"callbackUrl":"https://public.example/"}`)) // 409: the fourth
 
-	// A delivered test event, so that there are attempts to list and a
-	// delivery to retry; the request it made is checked against the
-	// webhook's description.
-	dlv := api.do(apiReq{method: "POST", path: "/webhook-subscriptions/" + id + "/test", template: tmplTest, token: "tok-acme"}).json(t)["deliveryId"].(string)
-	_, stop := startDispatcher(t, db, Config{HTTPClient: ssrfLoopbackClient()})
-	got := rc.wait(1)[0]
-	stop()
-	pending := api.do(apiReq{method: "POST", path: "/webhook-subscriptions/" + spare + "/test", template: tmplTest, token: "tok-acme"}).json(t)["deliveryId"].(string)
+		// A delivered test event, so that there are attempts to list and a
+		// delivery to retry; the request it made is checked against the
+		// webhook's description.
+		dlv := api.do(apiReq{method: "POST", path: "/webhook-subscriptions/" + id + "/test", template: tmplTest, token: "tok-acme"}).json(t)["deliveryId"].(string)
+		_, stop := startDispatcher(t, db, Config{HTTPClient: ssrfLoopbackClient()})
+		got := rc.wait(1)[0]
+		stop()
+		pending := api.do(apiReq{method: "POST", path: "/webhook-subscriptions/" + spare + "/test", template: tmplTest, token: "tok-acme"}).json(t)["deliveryId"].(string)
 
-	big := `{"description":"` + strings.Repeat("x", HandlerMaxBodyBytes) + `"}`
-	ops := []struct {
-		method, template, path string
-		okBody                 string   // body of the successful request, if any
-		errors                 []apiReq // requests for specific error statuses
-	}{
-		{"GET", tmplSubs, "/webhook-subscriptions?limit=1", "", []apiReq{
-			{path: "/webhook-subscriptions?limit=%zz"}, {path: "/webhook-subscriptions?limit=0"}}},
-		{"GET", tmplSub, "/webhook-subscriptions/" + id, "", []apiReq{{path: "/webhook-subscriptions/sub_missing"}}},
-		{"PATCH", tmplSub, "/webhook-subscriptions/" + id, `{"description":"changed"}`, []apiReq{
-			{path: "/webhook-subscriptions/sub_missing", body: `{"enabled":true}`}}},
-		{"GET", tmplDeliveries, "/webhook-subscriptions/" + id + "/deliveries?limit=1", "", []apiReq{
-			{path: "/webhook-subscriptions/" + id + "/deliveries?status=lost"}, {path: "/webhook-subscriptions/" + id + "/deliveries?%zz"},
-			{path: "/webhook-subscriptions/sub_missing/deliveries"}}},
-		{"POST", tmplRetry, "/webhook-subscriptions/" + id + "/deliveries/" + dlv + "/retry", "", []apiReq{
-			{path: "/webhook-subscriptions/" + spare + "/deliveries/" + pending + "/retry"},
-			{path: "/webhook-subscriptions/" + id + "/deliveries/dlv_missing/retry"}}},
-		{"POST", tmplTest, "/webhook-subscriptions/" + id + "/test", "", []apiReq{{path: "/webhook-subscriptions/sub_missing/test"}}},
-		{"POST", tmplRotate, "/webhook-subscriptions/" + id + "/rotate-secret", "", []apiReq{{path: "/webhook-subscriptions/sub_missing/rotate-secret"}}},
-		{"GET", tmplEventTypes, "/event-types", "", nil},
-		{"DELETE", tmplSub, "/webhook-subscriptions/" + spare, "", []apiReq{{path: "/webhook-subscriptions/" + spare}}},
-		{"POST", tmplSubs, "/webhook-subscriptions", "", []apiReq{
-			{body: `{"eventTypes":["order.*"],"callbackUrl":"https://127.0.0.1.nip.io.invalid/"}`},
-			{body: `{"eventTypes":["order.*"],"callbackUrl":"https://[::1]/"}`}}},
-	}
-	for _, op := range ops {
-		ctype := ""
-		if op.okBody != "" {
-			ctype = "application/json"
+		big := `{"description":"` + strings.Repeat("x", HandlerMaxBodyBytes) + `"}`
+		ops := []struct {
+			method, template, path string
+			okBody                 string   // body of the successful request, if any
+			errors                 []apiReq // requests for specific error statuses
+		}{
+			{"GET", tmplSubs, "/webhook-subscriptions?limit=1", "", []apiReq{
+				{path: "/webhook-subscriptions?limit=%zz"}, {path: "/webhook-subscriptions?limit=0"}}},
+			{"GET", tmplSub, "/webhook-subscriptions/" + id, "", []apiReq{{path: "/webhook-subscriptions/sub_missing"}}},
+			{"PATCH", tmplSub, "/webhook-subscriptions/" + id, `{"description":"changed"}`, []apiReq{
+				{path: "/webhook-subscriptions/sub_missing", body: `{"enabled":true}`}}},
+			{"GET", tmplDeliveries, "/webhook-subscriptions/" + id + "/deliveries?limit=1", "", []apiReq{
+				{path: "/webhook-subscriptions/" + id + "/deliveries?status=lost"}, {path: "/webhook-subscriptions/" + id + "/deliveries?%zz"},
+				{path: "/webhook-subscriptions/sub_missing/deliveries"}}},
+			{"POST", tmplRetry, "/webhook-subscriptions/" + id + "/deliveries/" + dlv + "/retry", "", []apiReq{
+				{path: "/webhook-subscriptions/" + spare + "/deliveries/" + pending + "/retry"},
+				{path: "/webhook-subscriptions/" + id + "/deliveries/dlv_missing/retry"}}},
+			{"POST", tmplTest, "/webhook-subscriptions/" + id + "/test", "", []apiReq{{path: "/webhook-subscriptions/sub_missing/test"}}},
+			{"POST", tmplRotate, "/webhook-subscriptions/" + id + "/rotate-secret", "", []apiReq{{path: "/webhook-subscriptions/sub_missing/rotate-secret"}}},
+			{"GET", tmplEventTypes, "/event-types", "", nil},
+			{"DELETE", tmplSub, "/webhook-subscriptions/" + spare, "", []apiReq{{path: "/webhook-subscriptions/" + spare}}},
+			{"POST", tmplSubs, "/webhook-subscriptions", "", []apiReq{
+				{body: `{"eventTypes":["order.*"],"callbackUrl":"https://127.0.0.1.nip.io.invalid/"}`},
+				{body: `{"eventTypes":["order.*"],"callbackUrl":"https://[::1]/"}`}}},
 		}
-		api.do(apiReq{method: op.method, path: op.path, template: op.template, token: "tok-acme", ctype: ctype, body: op.okBody})
-		if op.method == "GET" {
-			api.do(apiReq{method: "HEAD", path: op.path, template: op.template, token: "tok-acme"})
-		}
-		for _, e := range op.errors {
-			if e.path == "" {
-				e.path = op.path
+		for _, op := range ops {
+			ctype := ""
+			if op.okBody != "" {
+				ctype = "application/json"
 			}
-			e.method, e.template, e.token = op.method, op.template, "tok-acme"
-			if e.body != "" {
-				e.ctype = "application/json"
+			api.do(apiReq{method: op.method, path: op.path, template: op.template, token: "tok-acme", ctype: ctype, body: op.okBody})
+			if op.method == "GET" {
+				api.do(apiReq{method: "HEAD", path: op.path, template: op.template, token: "tok-acme"})
 			}
-			api.do(e)
-		}
-		// Errors every operation shares.
-		api.do(apiReq{method: op.method, path: op.path, template: op.template})
-		broken.do(apiReq{method: op.method, path: op.path, template: op.template, token: "tok-acme"})
-		if op.method != "GET" {
-			for _, e := range []apiReq{
-				{ctype: "application/json", body: `{`},
-				{ctype: "application/json", body: `{"unknown":1}`},
-				{ctype: "text/plain", body: `{}`},
-				{ctype: "application/json", body: big},
-			} {
-				e.method, e.path, e.template, e.token = op.method, op.path, op.template, "tok-acme"
+			for _, e := range op.errors {
+				if e.path == "" {
+					e.path = op.path
+				}
+				e.method, e.template, e.token = op.method, op.template, "tok-acme"
+				if e.body != "" {
+					e.ctype = "application/json"
+				}
 				api.do(e)
 			}
-		}
-		// A method the path does not have.
-		api.do(apiReq{method: "PUT", path: op.path, template: op.template, token: "tok-acme"})
-	}
-	api.do(apiReq{method: "GET", path: "/nowhere", template: "/nowhere", token: "tok-acme"})
-
-	// Every documented status of every operation was seen, except 503
-	// (a canceled request, whose answer nobody reads).
-	for path, item := range specMap(s.doc["paths"]) {
-		for method, op := range specMap(item) {
-			if method == "parameters" {
-				continue
+			// Errors every operation shares.
+			api.do(apiReq{method: op.method, path: op.path, template: op.template})
+			broken.do(apiReq{method: op.method, path: op.path, template: op.template, token: "tok-acme"})
+			if op.method != "GET" {
+				for _, e := range []apiReq{
+					{ctype: "application/json", body: `{`},
+					{ctype: "application/json", body: `{"unknown":1}`},
+					{ctype: "text/plain", body: `{}`},
+					{ctype: "application/json", body: big},
+				} {
+					e.method, e.path, e.template, e.token = op.method, op.path, op.template, "tok-acme"
+					api.do(e)
+				}
 			}
-			key := strings.ToUpper(method) + " " + path
-			for status := range specMap(specMap(op)["responses"]) {
-				if status != "503" && !c.covered[key][status] {
-					t.Errorf("%s: documented status %s was never exercised", key, status)
+			// A method the path does not have.
+			api.do(apiReq{method: "PUT", path: op.path, template: op.template, token: "tok-acme"})
+		}
+		api.do(apiReq{method: "GET", path: "/nowhere", template: "/nowhere", token: "tok-acme"})
+
+		// Every documented status of every operation was seen, except 503
+		// (a canceled request, whose answer nobody reads).
+		for path, item := range specMap(s.doc["paths"]) {
+			for method, op := range specMap(item) {
+				if method == "parameters" {
+					continue
+				}
+				key := strings.ToUpper(method) + " " + path
+				for status := range specMap(specMap(op)["responses"]) {
+					if status != "503" && !c.covered[key][status] {
+						t.Errorf("%s: documented status %s was never exercised", key, status)
+					}
 				}
 			}
 		}
-	}
-	if c.count < 80 {
-		t.Fatalf("only %d exchanges checked", c.count)
-	}
-
-	// The delivered webhook: required headers and payload.
-	hook := specMap(specMap(specMap(s.doc["webhooks"])["webhookEvent"])["post"])
-	for _, p := range specSlice(hook["parameters"]) {
-		p := s.resolve(specMap(p))
-		if p["in"] == "header" && p["required"] == true && got.Header.Get(p["name"].(string)) == "" {
-			t.Errorf("the delivery lacks the required header %s", p["name"])
+		if c.count < 80 {
+			t.Fatalf("only %d exchanges checked", c.count)
 		}
-	}
-	if ct := got.Header.Get("Content-Type"); specMap(specMap(s.resolve(specMap(hook["requestBody"])))["content"])[ct] == nil {
-		t.Errorf("the delivery's Content-Type %q is not documented", ct)
-	}
-	var payload any
-	if err := json.Unmarshal(got.Body, &payload); err != nil {
-		t.Fatal(err)
-	}
-	schema := specMap(specMap(specMap(s.resolve(specMap(hook["requestBody"])))["content"])["application/json"])["schema"]
-	for _, e := range s.checkValue("payload", specMap(schema), payload) {
-		t.Errorf("delivered payload %s: %s", got.Body, e)
-	}
+
+		// The delivered webhook: required headers and payload.
+		hook := specMap(specMap(specMap(s.doc["webhooks"])["webhookEvent"])["post"])
+		for _, p := range specSlice(hook["parameters"]) {
+			p := s.resolve(specMap(p))
+			if p["in"] == "header" && p["required"] == true && got.Header.Get(p["name"].(string)) == "" {
+				t.Errorf("the delivery lacks the required header %s", p["name"])
+			}
+		}
+		if ct := got.Header.Get("Content-Type"); specMap(specMap(s.resolve(specMap(hook["requestBody"])))["content"])[ct] == nil {
+			t.Errorf("the delivery's Content-Type %q is not documented", ct)
+		}
+		var payload any
+		if err := json.Unmarshal(got.Body, &payload); err != nil {
+			t.Fatal(err)
+		}
+		schema := specMap(specMap(specMap(s.resolve(specMap(hook["requestBody"])))["content"])["application/json"])["schema"]
+		for _, e := range s.checkValue("payload", specMap(schema), payload) {
+			t.Errorf("delivered payload %s: %s", got.Body, e)
+		}
+	})
 }

@@ -152,6 +152,14 @@ type subscriptionRow struct {
 // CreatedAt and UpdatedAt are assigned; a missing Secret is generated. It
 // returns the stored subscription, secret included.
 func (s *Subscriptions) Create(ctx context.Context, sub Subscription) (Subscription, error) {
+	return s.create(ctx, sub, 0)
+}
+
+// create is Create refusing with ErrSubscriptionLimit when the tenant
+// already has limit subscriptions (0: no limit). The count and the insert
+// happen in one transaction, serialized per tenant, so concurrent creates, in
+// any number of processes, cannot pass the limit.
+func (s *Subscriptions) create(ctx context.Context, sub Subscription, limit int) (Subscription, error) {
 	if err := validateTenant(sub.Tenant); err != nil {
 		return Subscription{}, fmt.Errorf("%w: %v", ErrInvalidSubscription, err)
 	}
@@ -175,11 +183,31 @@ func (s *Subscriptions) Create(ctx context.Context, sub Subscription) (Subscript
 		sub.DisabledReason = "disabled by the application"
 	}
 	r := toRow(&sub)
-	_, err = s.db.ExecContext(ctx, store.InsertSubscription,
-		r.ID, r.Tenant, r.URL, r.EventTypes, r.Secrets, r.Description, r.Metadata,
-		r.Enabled, r.DisabledReason, r.CreatedAt, r.UpdatedAt)
+	err = dbtx.Run(ctx, s.db, s.dialect == DialectSQLite, func(tx dbtx.Tx) error {
+		if limit > 0 {
+			if s.q.LockTenantSubscriptions != "" {
+				if _, err := tx.ExecContext(ctx, s.q.LockTenantSubscriptions, sub.Tenant); err != nil {
+					return fmt.Errorf("webhooks: create subscription: %w", err)
+				}
+			}
+			var n int
+			if err := sqlx.GetContext(ctx, tx, &n, store.CountSubscriptions, sub.Tenant); err != nil {
+				return fmt.Errorf("webhooks: create subscription: %w", err)
+			}
+			if n >= limit {
+				return fmt.Errorf("%w: the tenant has %d subscriptions", ErrSubscriptionLimit, n)
+			}
+		}
+		_, err := tx.ExecContext(ctx, store.InsertSubscription,
+			r.ID, r.Tenant, r.URL, r.EventTypes, r.Secrets, r.Description, r.Metadata,
+			r.Enabled, r.DisabledReason, r.CreatedAt, r.UpdatedAt)
+		if err != nil {
+			return fmt.Errorf("webhooks: create subscription: %w", err)
+		}
+		return nil
+	})
 	if err != nil {
-		return Subscription{}, fmt.Errorf("webhooks: create subscription: %w", err)
+		return Subscription{}, err
 	}
 	return sub, nil
 }

@@ -58,6 +58,9 @@ var (
 	// ErrInvalidSubscription is returned for a subscription that fails
 	// validation. Nothing is written.
 	ErrInvalidSubscription = errors.New("webhooks: invalid subscription")
+	// ErrSubscriptionLimit is returned when a tenant already has as many
+	// subscriptions as allowed.
+	ErrSubscriptionLimit = errors.New("webhooks: subscription limit reached")
 	// ErrNotFound is returned when a subscription or delivery does not exist
 	// within the caller's tenant.
 	ErrNotFound = errors.New("webhooks: not found")

@@ -101,6 +101,9 @@ type Queries struct {
 	// SelectSubscriptionForUpdate is SelectSubscription, locking the row
 	// for a read-modify-write.
 	SelectSubscriptionForUpdate string
+	// LockTenantSubscriptions: $1 tenant. Serializes count-then-create of
+	// one tenant's subscriptions. Empty when transactions are exclusive.
+	LockTenantSubscriptions string
 	// NotifyChannel, when not empty, is the channel a trigger notifies when
 	// events are inserted into the outbox (PostgreSQL LISTEN/NOTIFY).
 	NotifyChannel string
@@ -131,6 +134,7 @@ func (d Dialect) Queries() (Queries, error) {
 			SelectDueRetry:              fmt.Sprintf(selectDue, "> 0", skip) + "\nFOR UPDATE OF d SKIP LOCKED",
 			ClaimDeliveries:             fmt.Sprintf(claimDeliveries, fmt.Sprintf(jsonArrayPostgres, "$4")),
 			SelectSubscriptionForUpdate: SelectSubscription + "\nFOR UPDATE",
+			LockTenantSubscriptions:     `SELECT pg_advisory_xact_lock(7316, hashtext($1))`,
 			NotifyChannel:               "webhook_outbox",
 		}, nil
 	}
