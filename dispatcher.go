@@ -301,6 +301,7 @@ type loop struct {
 
 	inFlight int
 	perSub   map[string]int
+	capFreed bool // a subscription at its cap finished a delivery
 	finished []result
 
 	backoff    time.Duration // current pause after database errors
@@ -318,15 +319,16 @@ func (l *loop) run() error {
 	moreEvents, moreDue := false, false
 	for {
 		// After a database error (a restart, a failover) the loop pauses,
-		// with growing delays, instead of hammering the database.
-		healthy := !time.Now().Before(l.pauseUntil)
-		if len(l.finished) > 0 && (healthy || stopping) {
+		// with growing delays, instead of hammering the database. A step
+		// that fails skips the steps after it, so the pause doubles once
+		// per round rather than once per failing step.
+		if len(l.finished) > 0 && (!l.paused() || stopping) {
 			l.record()
 		}
 		if stopping && l.inFlight == 0 {
 			return ErrDispatcherClosed
 		}
-		if !stopping && healthy {
+		if !stopping && !l.paused() {
 			if poll || moreEvents {
 				n, err := d.expand(l.ctx)
 				l.check("expand events", err)
@@ -335,10 +337,13 @@ func (l *loop) run() error {
 					poll = true // new deliveries are due now
 				}
 			}
+			if l.capFreed {
+				moreDue, l.capFreed = true, false
+			}
 			free := d.cfg.Concurrency - l.inFlight
 			// Claim on a poll, or when earlier claims left due work behind
 			// and enough slots are free to make a claim worth a transaction.
-			if free > 0 && (poll || moreDue && (free >= d.cfg.Concurrency/4 || l.inFlight == 0)) {
+			if !l.paused() && free > 0 && (poll || moreDue && (free >= d.cfg.Concurrency/4 || l.inFlight == 0)) {
 				jobs, more, err := d.claim(l.ctx, free, l.perSub, !moreDue)
 				l.check("claim deliveries", err)
 				moreDue = err == nil && more
@@ -351,7 +356,7 @@ func (l *loop) run() error {
 		if l.ctx.Err() != nil {
 			return l.hardStop()
 		}
-		if moreEvents {
+		if moreEvents && !l.paused() {
 			// More events wait to be expanded: take finished results (so
 			// slots free up and claims go on), but do not block.
 			l.drain()
@@ -362,6 +367,12 @@ func (l *loop) run() error {
 			}
 			continue
 		}
+		// A pause ends with a look for work, whatever PollInterval is: a
+		// wake-up that arrived during the pause is not lost.
+		var resume <-chan time.Time
+		if wait := time.Until(l.pauseUntil); wait > 0 {
+			resume = time.After(wait)
+		}
 		select {
 		case <-l.ctx.Done():
 			return l.hardStop()
@@ -371,6 +382,8 @@ func (l *loop) run() error {
 		case <-ticker.C:
 			poll = true
 		case <-d.wake:
+			poll = true
+		case <-resume:
 			poll = true
 		case <-d.stopping:
 		}
@@ -393,6 +406,11 @@ func (l *loop) start(j *job) {
 
 func (l *loop) finish(r result) {
 	l.inFlight--
+	if l.perSub[r.job.SubscriptionID] >= l.d.cfg.MaxInFlightPerSubscription {
+		// The subscription was skipped by claims while at its cap, so
+		// they may have left its due deliveries behind unseen.
+		l.capFreed = true
+	}
 	if l.perSub[r.job.SubscriptionID]--; l.perSub[r.job.SubscriptionID] <= 0 {
 		delete(l.perSub, r.job.SubscriptionID)
 	}
@@ -438,6 +456,9 @@ func (l *loop) check(what string, err error) {
 	l.pauseUntil = time.Now().Add(l.backoff)
 	l.d.log.Error("webhooks: dispatcher: "+what, slog.Any("error", err), slog.Duration("retry_in", l.backoff))
 }
+
+// paused reports that the loop is pausing after a database error.
+func (l *loop) paused() bool { return time.Now().Before(l.pauseUntil) }
 
 // hardStop aborts the requests in flight and waits for their workers.
 func (l *loop) hardStop() error {

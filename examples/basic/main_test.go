@@ -9,14 +9,17 @@ import (
 	"testing"
 )
 
-// TestRun runs the whole example: every expected delivery must succeed,
-// verified by its receiver and recorded in the database.
+// TestRun runs the whole example: the receivers subscribe through the API,
+// and every expected delivery must succeed, verified by its receiver and
+// recorded in the database.
 func TestRun(t *testing.T) {
 	var out bytes.Buffer
 	if err := run(context.Background(), &out, ""); err != nil {
 		t.Fatalf("run: %v\noutput:\n%s", err, out.String())
 	}
 	for _, want := range []string{
+		"→ 201 Created, Location: /api/webhook-subscriptions/sub_",
+		"→ 401 Unauthorized, refused by Verifier.Middleware",
 		"simulated outage 3/3",
 		"(succeeded on attempt 2)",
 		"OK  12 deliveries succeeded",
