@@ -115,11 +115,10 @@ func (d Dialect) Queries() (Queries, error) {
 	case SQLite:
 		// SQLite has one writer at a time: transactions begin with
 		// BEGIN IMMEDIATE, so plain selects are already exclusive.
-		skip := fmt.Sprintf(jsonArraySQLite, "$2")
 		return Queries{
 			SelectUnexpanded:            selectUnexpanded,
-			SelectDueFirst:              fmt.Sprintf(selectDue, "= 0", skip),
-			SelectDueRetry:              fmt.Sprintf(selectDue, "> 0", skip),
+			SelectDueFirst:              fmt.Sprintf(selectDueSQLite, "= 0"),
+			SelectDueRetry:              fmt.Sprintf(selectDueSQLite, "> 0"),
 			ClaimDeliveries:             fmt.Sprintf(claimDeliveries, fmt.Sprintf(jsonArraySQLite, "$4")),
 			SelectSubscriptionForUpdate: SelectSubscription,
 		}, nil
@@ -164,6 +163,31 @@ WHERE d.state IN ('pending', 'delivering') AND d.attempts %s
   AND d.subscription_id NOT IN (%s)
 ORDER BY d.next_at
 LIMIT $3`
+
+// selectDueSQLite is selectDue driven by the enabled subscriptions that are
+// not at their in-flight cap: each one's oldest due deliveries are read from
+// the (subscription_id, next_at) index, so the backlog of a skipped
+// subscription (a hanging endpoint) is never scanned, and only the rows
+// finally picked are joined with their payloads. The verb is the attempts
+// condition. (p makes $1 appear first: go-sqlite3 binds $N by order of first
+// appearance.)
+const selectDueSQLite = `WITH p(now_ms) AS (SELECT $1),
+subs AS (SELECT id FROM webhook_subscriptions
+         WHERE enabled = TRUE AND id NOT IN (SELECT value FROM json_each($2))),
+due AS (SELECT x.rowid AS rid, x.next_at AS next_at
+        FROM subs s CROSS JOIN p CROSS JOIN webhook_deliveries x
+        WHERE x.rowid IN (
+            SELECT y.rowid FROM webhook_deliveries y
+            WHERE y.subscription_id = s.id AND y.state IN ('pending', 'delivering')
+              AND y.attempts %[1]s AND y.next_at <= p.now_ms
+            ORDER BY y.next_at, y.state, y.attempts LIMIT $3)
+        ORDER BY x.next_at, x.rowid LIMIT $3)
+SELECT d.id, d.event_id, d.subscription_id, d.attempts,
+       s.url, s.secrets, e.payload
+FROM due CROSS JOIN webhook_deliveries d ON d.rowid = due.rid
+JOIN webhook_subscriptions s ON s.id = d.subscription_id
+JOIN webhook_outbox e ON e.id = d.event_id
+ORDER BY due.next_at, due.rid`
 
 const claimDeliveries = `UPDATE webhook_deliveries
 SET state = 'delivering', next_at = $1, claim_token = $2, updated_at = $3
