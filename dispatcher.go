@@ -3,7 +3,6 @@ package webhooks
 import (
 	"context"
 	"database/sql"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -18,7 +17,6 @@ import (
 	"github.com/jmoiron/sqlx"
 	"golang.org/x/sync/errgroup"
 
-	"github.com/outboxhook/webhooks/internal/dbtx"
 	"github.com/outboxhook/webhooks/internal/pglisten"
 	"github.com/outboxhook/webhooks/internal/ssrf"
 	"github.com/outboxhook/webhooks/store"
@@ -248,7 +246,7 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 		defer func() { stopListening(); <-listening }()
 	}
 
-	l := &loop{d: d, ctx: ctx, workCtx: workCtx, perSub: map[string]int{},
+	l := &loop{d: d, ctx: ctx, workCtx: workCtx, perSub: map[string]int{}, behind: map[string]bool{}, perEvent: 1,
 		results: make(chan result, d.cfg.Concurrency)}
 	return l.run()
 }
@@ -301,13 +299,27 @@ type loop struct {
 
 	inFlight int
 	perSub   map[string]int
-	capFreed bool // a subscription at its cap finished a delivery
+	capFreed bool // a subscription that claims skipped finished a delivery
+	// behind holds the subscriptions that were at their cap when the last
+	// claim ran: it skipped them, so it may have left due deliveries of
+	// theirs behind.
+	behind   map[string]bool
 	finished []result
+
+	moreEvents bool    // the last expansion left events behind
+	moreDue    bool    // the last claim (or expansion) left due deliveries behind
+	perEvent   float64 // deliveries per expanded event, a moving average
+	claimTurn  bool    // an odd free slot goes to claims (else to new events)
 
 	backoff    time.Duration // current pause after database errors
 	pauseUntil time.Time     // no database work before then
 }
 
+// run is the dispatcher's loop. Each round runs at most one write
+// transaction (a step) that records the attempts finished since the last
+// one, claims due deliveries and expands new events straight into claimed
+// deliveries for the free slots; the requests themselves run on worker
+// goroutines meanwhile.
 func (l *loop) run() error {
 	d := l.d
 	ticker := time.NewTicker(d.cfg.PollInterval)
@@ -315,54 +327,54 @@ func (l *loop) run() error {
 	defer l.workers.Wait() //nolint:errcheck // workers never fail
 
 	stopping := false
-	poll := true // look for work at once on start
-	moreEvents, moreDue := false, false
+	poll := true  // look for work at once on start
+	wake := false // Notify was called: look for new events
 	for {
-		// After a database error (a restart, a failover) the loop pauses,
-		// with growing delays, instead of hammering the database. A step
-		// that fails skips the steps after it, so the pause doubles once
-		// per round rather than once per failing step.
-		if len(l.finished) > 0 && (!l.paused() || stopping) {
-			l.record()
-		}
 		if stopping && l.inFlight == 0 {
+			if len(l.finished) > 0 {
+				// Last chance: record even during a pause. Should it fail,
+				// the claims lapse and those deliveries are made again.
+				l.step(0, false, false, false)
+			}
 			return ErrDispatcherClosed
 		}
-		if !stopping && !l.paused() {
-			if poll || moreEvents {
-				n, err := d.expand(l.ctx)
-				l.check("expand events", err)
-				moreEvents = err == nil && n == d.cfg.BatchSize
-				if n > 0 {
-					poll = true // new deliveries are due now
-				}
-			}
+		free := 0
+		if !stopping {
+			free = d.cfg.Concurrency - l.inFlight
+		}
+		// Under load a step waits until a quarter of the slots are free
+		// (or the next poll), so that its transaction records and starts a
+		// batch rather than one delivery at a time; with few requests in
+		// flight it runs at once.
+		ready := poll || stopping || l.inFlight == 0 || free >= l.minFree()
+		// After a database error (a restart, a failover) the loop pauses,
+		// with growing delays, instead of hammering the database.
+		if !l.paused() && ready {
 			if l.capFreed {
-				moreDue, l.capFreed = true, false
+				l.moreDue, l.capFreed = true, false
 			}
-			free := d.cfg.Concurrency - l.inFlight
-			// Claim on a poll, or when earlier claims left due work behind
-			// and enough slots are free to make a claim worth a transaction.
-			if !l.paused() && free > 0 && (poll || moreDue && (free >= d.cfg.Concurrency/4 || l.inFlight == 0)) {
-				jobs, more, err := d.claim(l.ctx, free, l.perSub, !moreDue)
-				l.check("claim deliveries", err)
-				moreDue = err == nil && more
-				for _, j := range jobs {
-					l.start(j)
-				}
+			// Claim on a poll, or when earlier claims left due work
+			// behind; expand on a poll or a wake-up, or when the last
+			// expansion left events behind.
+			claim := free > 0 && (poll || l.moreDue)
+			expand := free > 0 && (poll || l.moreEvents)
+			if len(l.finished) > 0 || claim || expand {
+				l.step(free, claim, expand, (poll || wake) && len(l.finished) == 0)
 			}
-			poll = false
+			poll, wake = false, false
 		}
 		if l.ctx.Err() != nil {
 			return l.hardStop()
 		}
-		if moreEvents && !l.paused() {
-			// More events wait to be expanded: take finished results (so
-			// slots free up and claims go on), but do not block.
+		if l.moreEvents && !l.paused() && !stopping && d.cfg.Concurrency-l.inFlight >= l.minFree() {
+			// Events wait and slots are free: take finished results, but
+			// do not block.
 			l.drain()
 			select {
 			case <-d.stopping:
 				stopping = true
+			case <-ticker.C:
+				poll = true
 			default:
 			}
 			continue
@@ -382,7 +394,7 @@ func (l *loop) run() error {
 		case <-ticker.C:
 			poll = true
 		case <-d.wake:
-			poll = true
+			l.moreEvents, wake = true, true
 		case <-resume:
 			poll = true
 		case <-d.stopping:
@@ -391,6 +403,82 @@ func (l *loop) run() error {
 		case <-d.stopping:
 			stopping = true
 		default:
+		}
+	}
+}
+
+// step runs one write transaction: it records the finished attempts, then,
+// with free slots, claims due deliveries (claim) and expands new events
+// (expand), and starts the jobs it got. With probe set, it first checks
+// without the write lock that there is anything to claim or expand. On
+// error the finished attempts are kept for the next step and the loop
+// pauses.
+func (l *loop) step(free int, claim, expand, probe bool) {
+	d := l.d
+	if probe && len(l.finished) == 0 {
+		var err error
+		claim, expand, err = d.probe(l.ctx, l.perSub, claim, expand)
+		l.check("look for work", err)
+		if err != nil || !claim && !expand {
+			return
+		}
+	}
+	in := stepInput{results: l.finished, free: free, perSub: l.perSub, perEvent: l.perEvent}
+	if claim {
+		in.claim = free
+		if expand {
+			// New events and due deliveries share the slots; an odd slot
+			// goes to either in turn.
+			in.claim = free / 2
+			if free%2 == 1 {
+				if l.claimTurn {
+					in.claim++
+				}
+				l.claimTurn = !l.claimTurn
+			}
+			if in.claim == 0 {
+				// Its turn comes next round.
+				claim, l.moreDue = false, true
+			}
+		}
+	}
+	in.expand = expand
+	var skipped []string // the subscriptions the claim skips
+	if claim {
+		for s, n := range l.perSub {
+			if n >= d.cfg.MaxInFlightPerSubscription {
+				skipped = append(skipped, s)
+			}
+		}
+	}
+	out, err := d.step(l.ctx, in)
+	l.check("dispatch step", err)
+	if err != nil {
+		return
+	}
+	clear(l.finished)
+	l.finished = l.finished[:0]
+	if claim {
+		l.moreDue = out.moreDue
+	} else if out.moreDue {
+		l.moreDue = true
+	}
+	if expand {
+		l.moreEvents = out.moreEvents
+		if out.events > 0 {
+			l.perEvent = 0.8*l.perEvent + 0.2*float64(out.deliveries)/float64(out.events)
+		}
+	}
+	for _, j := range out.jobs {
+		l.start(j)
+	}
+	if claim {
+		clear(l.behind)
+		for _, s := range skipped {
+			l.behind[s] = true
+		}
+		for _, s := range out.refused {
+			l.behind[s] = true
 		}
 	}
 }
@@ -406,16 +494,21 @@ func (l *loop) start(j *job) {
 
 func (l *loop) finish(r result) {
 	l.inFlight--
-	if l.perSub[r.job.SubscriptionID] >= l.d.cfg.MaxInFlightPerSubscription {
-		// The subscription was skipped by claims while at its cap, so
-		// they may have left its due deliveries behind unseen.
+	if l.behind[r.job.SubscriptionID] {
+		// The last claim skipped the subscription, at its cap then, so it
+		// may have left due deliveries of it behind unseen.
 		l.capFreed = true
+		delete(l.behind, r.job.SubscriptionID)
 	}
 	if l.perSub[r.job.SubscriptionID]--; l.perSub[r.job.SubscriptionID] <= 0 {
 		delete(l.perSub, r.job.SubscriptionID)
 	}
 	l.finished = append(l.finished, r)
 }
+
+// minFree is how many free slots make a step worth its transaction while
+// requests are in flight.
+func (l *loop) minFree() int { return max(1, l.d.cfg.Concurrency/4) }
 
 // drain takes every result that is ready, so they are recorded together.
 func (l *loop) drain() {
@@ -427,19 +520,6 @@ func (l *loop) drain() {
 			return
 		}
 	}
-}
-
-// record stores the finished attempts. If that fails they are kept and
-// recorded after the pause; should the process end first, their claims lapse
-// and the deliveries are made again (at least once).
-func (l *loop) record() {
-	err := l.d.record(l.ctx, l.finished)
-	l.check("record attempts", err)
-	if err != nil && l.ctx.Err() == nil {
-		return
-	}
-	clear(l.finished)
-	l.finished = l.finished[:0]
 }
 
 // check logs a failed database step and pauses the loop, doubling the pause
@@ -471,206 +551,6 @@ func (l *loop) hardStop() error {
 	return l.ctx.Err()
 }
 
-// expand turns up to BatchSize unexpanded events into deliveries, one per
-// matching enabled subscription of the event's tenant, and marks the events
-// expanded, all in one transaction. It returns how many events it expanded.
-func (d *Dispatcher) expand(ctx context.Context) (int, error) {
-	type eventRef struct {
-		Seq    int64  `db:"seq"`
-		ID     string `db:"id"`
-		Type   string `db:"type"`
-		Tenant string `db:"tenant"`
-	}
-	// A read without the write lock first: idle polls cost no lock.
-	var probe []eventRef
-	if err := sqlx.SelectContext(ctx, d.db, &probe, d.q.SelectUnexpanded, 1); err != nil || len(probe) == 0 {
-		return 0, err
-	}
-	n := 0
-	err := d.inTx(ctx, func(tx dbtx.Tx) error {
-		var events []eventRef
-		if err := sqlx.SelectContext(ctx, tx, &events, d.q.SelectUnexpanded, d.cfg.BatchSize); err != nil {
-			return fmt.Errorf("select events: %w", err)
-		}
-		type sub struct {
-			ID         string `db:"id"`
-			EventTypes string `db:"event_types"`
-			patterns   []string
-		}
-		subsOf := map[string][]sub{}
-		now := d.clock.Now().UnixMilli()
-		for _, e := range events {
-			subs, ok := subsOf[e.Tenant]
-			if !ok {
-				if err := sqlx.SelectContext(ctx, tx, &subs, store.SelectTenantSubscriptions, e.Tenant); err != nil {
-					return fmt.Errorf("select subscriptions: %w", err)
-				}
-				for i := range subs {
-					if err := json.Unmarshal([]byte(subs[i].EventTypes), &subs[i].patterns); err != nil {
-						return fmt.Errorf("subscription %s: stored event types: %w", subs[i].ID, err)
-					}
-				}
-				subsOf[e.Tenant] = subs
-			}
-			for _, s := range subs {
-				if !matchesAny(s.patterns, e.Type) {
-					continue
-				}
-				id, err := newID("dlv_")
-				if err != nil {
-					return err
-				}
-				if _, err := tx.ExecContext(ctx, store.InsertDelivery, id, e.ID, s.ID, e.Tenant, now, now, now); err != nil {
-					return fmt.Errorf("insert delivery: %w", err)
-				}
-			}
-			if _, err := tx.ExecContext(ctx, store.MarkExpanded, now, e.Seq); err != nil {
-				return fmt.Errorf("mark event expanded: %w", err)
-			}
-		}
-		n = len(events)
-		return nil
-	})
-	if err != nil {
-		return 0, err
-	}
-	return n, nil
-}
-
-// job is a claimed delivery.
-type job struct {
-	DeliveryID     string `db:"id"`
-	EventID        string `db:"event_id"`
-	SubscriptionID string `db:"subscription_id"`
-	Attempts       int    `db:"attempts"`
-	URL            string `db:"url"`
-	Secrets        string `db:"secrets"`
-	Payload        string `db:"payload"`
-	claimToken     string
-}
-
-// claim leases up to free due deliveries, at most MaxInFlightPerSubscription
-// per subscription counting those in flight (perSub), sharing the slots
-// between first attempts and retries so neither starves the other. more
-// reports that due work was left behind. With probe set it first checks,
-// without taking the write lock, that anything is due.
-func (d *Dispatcher) claim(ctx context.Context, free int, perSub map[string]int, probe bool) (jobs []*job, more bool, err error) {
-	capPer := d.cfg.MaxInFlightPerSubscription
-	skipIDs := make([]string, 0, len(perSub))
-	for s, n := range perSub {
-		if n >= capPer {
-			skipIDs = append(skipIDs, s)
-		}
-	}
-	skip := idsJSON(skipIDs)
-	now := d.clock.Now()
-	if probe {
-		var first, retry []*job
-		if err := sqlx.SelectContext(ctx, d.db, &first, d.q.SelectDueFirst, now.UnixMilli(), skip, 1); err != nil {
-			return nil, false, err
-		}
-		if len(first) == 0 {
-			if err := sqlx.SelectContext(ctx, d.db, &retry, d.q.SelectDueRetry, now.UnixMilli(), skip, 1); err != nil {
-				return nil, false, err
-			}
-			if len(retry) == 0 {
-				return nil, false, nil
-			}
-		}
-	}
-	token, err := newID("")
-	if err != nil {
-		return nil, false, err
-	}
-	err = d.inTx(ctx, func(tx dbtx.Tx) error {
-		var first, retry []*job
-		if err := sqlx.SelectContext(ctx, tx, &first, d.q.SelectDueFirst, now.UnixMilli(), skip, free); err != nil {
-			return fmt.Errorf("select due deliveries: %w", err)
-		}
-		if err := sqlx.SelectContext(ctx, tx, &retry, d.q.SelectDueRetry, now.UnixMilli(), skip, free); err != nil {
-			return fmt.Errorf("select due retries: %w", err)
-		}
-		taken := map[string]int{}
-		take := func(j *job) {
-			if perSub[j.SubscriptionID]+taken[j.SubscriptionID] < capPer {
-				taken[j.SubscriptionID]++
-				j.claimToken = token
-				jobs = append(jobs, j)
-			}
-		}
-		// Alternate between the lanes while both have work. Successive
-		// claims start with either lane in turn, so that claims of one slot
-		// (Concurrency 1, or a single slot freed) serve retries too.
-		both := len(first) > 0 && len(retry) > 0
-		retryTurn := both && d.retryTurn.Load()
-		if both {
-			d.retryTurn.Store(!retryTurn)
-		}
-		for i, k := 0, 0; len(jobs) < free && (i < len(first) || k < len(retry)); {
-			if i < len(first) && ((len(jobs)%2 == 0) != retryTurn || k >= len(retry)) {
-				take(first[i])
-				i++
-			} else {
-				take(retry[k])
-				k++
-			}
-		}
-		more = len(first)+len(retry) > len(jobs) || len(jobs) == free
-		if len(jobs) == 0 {
-			return nil
-		}
-		ids := make([]string, len(jobs))
-		for i, j := range jobs {
-			ids[i] = j.DeliveryID
-		}
-		lease := now.Add(d.cfg.LeaseDuration).UnixMilli()
-		if _, err := tx.ExecContext(ctx, d.q.ClaimDeliveries, lease, token, now.UnixMilli(), idsJSON(ids)); err != nil {
-			return fmt.Errorf("claim deliveries: %w", err)
-		}
-		return nil
-	})
-	if err != nil {
-		return nil, false, err
-	}
-	return jobs, more, nil
-}
-
-// record stores the outcome of finished attempts in one transaction: the
-// attempt rows, each delivery's new state, and subscriptions disabled by
-// 410 Gone.
-func (d *Dispatcher) record(ctx context.Context, results []result) error {
-	now := d.clock.Now()
-	return d.inTx(ctx, func(tx dbtx.Tx) error {
-		for i := range results {
-			r := &results[i]
-			o := d.outcome(r, now)
-			res, err := tx.ExecContext(ctx, store.RecordDelivery,
-				o.state, o.nextAt, r.status, r.errText, now.UnixMilli(), o.deliveredAt, r.job.DeliveryID, r.job.claimToken)
-			if err != nil {
-				return fmt.Errorf("update delivery %s: %w", r.job.DeliveryID, err)
-			}
-			if n, _ := res.RowsAffected(); n == 0 {
-				d.log.Warn("webhooks: delivery was claimed again or canceled while in flight; attempt recorded, state left as is",
-					slog.String("delivery", r.job.DeliveryID))
-			}
-			if _, err := tx.ExecContext(ctx, store.InsertAttempt,
-				r.job.DeliveryID, r.job.Attempts+1, r.started.UnixMilli(), r.duration.Milliseconds(),
-				r.status, r.errText, r.excerpt); err != nil {
-				return fmt.Errorf("insert attempt of %s: %w", r.job.DeliveryID, err)
-			}
-			if r.status == http.StatusGone {
-				reason := fmt.Sprintf("endpoint answered 410 Gone at %s", r.started.UTC().Format(time.RFC3339))
-				if _, err := tx.ExecContext(ctx, store.DisableSubscription, reason, now.UnixMilli(), r.job.SubscriptionID); err != nil {
-					return fmt.Errorf("disable subscription %s: %w", r.job.SubscriptionID, err)
-				}
-				d.log.Warn("webhooks: subscription disabled: endpoint answered 410 Gone",
-					slog.String("subscription", r.job.SubscriptionID))
-			}
-		}
-		return nil
-	})
-}
-
 type outcome struct {
 	state       DeliveryState
 	nextAt      int64
@@ -690,8 +570,4 @@ func (d *Dispatcher) outcome(r *result, now time.Time) outcome {
 		return outcome{state: DeliveryDead, nextAt: now.UnixMilli()}
 	}
 	return outcome{state: DeliveryPending, nextAt: now.Add(max(delay, 0)).UnixMilli()}
-}
-
-func (d *Dispatcher) inTx(ctx context.Context, fn func(tx dbtx.Tx) error) error {
-	return dbtx.Run(ctx, d.db, d.dialect == DialectSQLite, fn)
 }

@@ -225,11 +225,11 @@ func TestGoneDisablesTheSubscription(t *testing.T) {
 		// New events do not reach a disabled subscription, and the paused
 		// delivery is not claimed.
 		publishTx(t, db, Event{Type: "a.c"})
-		n, err := d.expand(context.Background())
+		n, err := testExpand(context.Background(), d)
 		if err != nil || n != 1 {
 			t.Fatalf("expand: %d %v", n, err)
 		}
-		jobs, _, err := d.claim(context.Background(), 10, map[string]int{}, false)
+		jobs, _, err := testClaim(context.Background(), d, 10, map[string]int{}, false)
 		if err != nil || len(jobs) != 0 {
 			t.Fatalf("claimed %d deliveries of a disabled subscription (err %v)", len(jobs), err)
 		}
@@ -274,11 +274,11 @@ func TestRetryAfterIsRespected(t *testing.T) {
 			t.Fatal(err)
 		}
 		clock.Advance(119 * time.Second)
-		if jobs, _, err := d.claim(context.Background(), 10, map[string]int{}, false); err != nil || len(jobs) != 0 {
+		if jobs, _, err := testClaim(context.Background(), d, 10, map[string]int{}, false); err != nil || len(jobs) != 0 {
 			t.Fatalf("claimed %d deliveries before Retry-After elapsed (err %v)", len(jobs), err)
 		}
 		clock.Advance(time.Second)
-		jobs, _, err := d.claim(context.Background(), 10, map[string]int{}, false)
+		jobs, _, err := testClaim(context.Background(), d, 10, map[string]int{}, false)
 		if err != nil || len(jobs) != 1 {
 			t.Fatalf("claimed %d deliveries after Retry-After (err %v)", len(jobs), err)
 		}
@@ -303,36 +303,36 @@ func TestClaimIsALease(t *testing.T) {
 			t.Fatal(err)
 		}
 		ctx := context.Background()
-		if _, err := d1.expand(ctx); err != nil {
+		if _, err := testExpand(ctx, d1); err != nil {
 			t.Fatal(err)
 		}
-		if n, err := d2.expand(ctx); err != nil || n != 0 {
+		if n, err := testExpand(ctx, d2); err != nil || n != 0 {
 			t.Fatalf("second expansion expanded %d events (err %v)", n, err)
 		}
-		jobs, _, err := d1.claim(ctx, 10, map[string]int{}, false)
+		jobs, _, err := testClaim(ctx, d1, 10, map[string]int{}, false)
 		if err != nil || len(jobs) != 1 {
 			t.Fatalf("first claim: %d %v", len(jobs), err)
 		}
 		// While the lease runs (longer than the request timeout), nobody else
 		// can claim it.
 		clock.Advance(59 * time.Second)
-		if again, _, err := d2.claim(ctx, 10, map[string]int{}, false); err != nil || len(again) != 0 {
+		if again, _, err := testClaim(ctx, d2, 10, map[string]int{}, false); err != nil || len(again) != 0 {
 			t.Fatalf("claimed during the lease: %d %v", len(again), err)
 		}
 		// After it lapses (the first dispatcher died), another one takes over,
 		// and the first one's late result no longer changes the delivery.
 		clock.Advance(2 * time.Second)
-		again, _, err := d2.claim(ctx, 10, map[string]int{}, false)
+		again, _, err := testClaim(ctx, d2, 10, map[string]int{}, false)
 		if err != nil || len(again) != 1 {
 			t.Fatalf("claim after the lease: %d %v", len(again), err)
 		}
-		if err := d1.record(ctx, []result{{job: jobs[0], started: clock.Now(), status: 500, errText: "HTTP 500"}}); err != nil {
+		if err := testRecord(ctx, d1, []result{{job: jobs[0], started: clock.Now(), status: 500, errText: "HTTP 500"}}); err != nil {
 			t.Fatal(err)
 		}
 		if n := countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'delivering' AND attempts = 0`); n != 1 {
 			t.Fatal("a stale claim's result overwrote the new claim")
 		}
-		if err := d2.record(ctx, []result{{job: again[0], started: clock.Now(), status: 200}}); err != nil {
+		if err := testRecord(ctx, d2, []result{{job: again[0], started: clock.Now(), status: 200}}); err != nil {
 			t.Fatal(err)
 		}
 		if n := countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'succeeded' AND attempts = 1`); n != 1 {
@@ -377,7 +377,7 @@ func TestDeletingASubscriptionStopsItsPendingDeliveries(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := d.expand(context.Background()); err != nil {
+		if _, err := testExpand(context.Background(), d); err != nil {
 			t.Fatal(err)
 		}
 		if err := subs.Delete(context.Background(), "globex", sub.ID); !errors.Is(err, ErrNotFound) {
@@ -392,7 +392,7 @@ func TestDeletingASubscriptionStopsItsPendingDeliveries(t *testing.T) {
 		_, stop := startDispatcher(t, db, Config{})
 		publishTx(t, db, Event{Type: "a.d", Tenant: "acme"})
 		stop()
-		if jobs, _, err := d.claim(context.Background(), 10, map[string]int{}, false); err != nil || len(jobs) != 0 {
+		if jobs, _, err := testClaim(context.Background(), d, 10, map[string]int{}, false); err != nil || len(jobs) != 0 {
 			t.Fatalf("claimed %d deliveries of a deleted subscription", len(jobs))
 		}
 		if n := rc.count(); n != 0 {
@@ -640,10 +640,10 @@ func TestDefaultClientRefusesPrivateAddressesAtDialTime(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := d.expand(ctx); err != nil {
+		if _, err := testExpand(ctx, d); err != nil {
 			t.Fatal(err)
 		}
-		jobs, _, err := d.claim(ctx, 1, map[string]int{}, false)
+		jobs, _, err := testClaim(ctx, d, 1, map[string]int{}, false)
 		if err != nil || len(jobs) != 1 {
 			t.Fatalf("claim: %d %v", len(jobs), err)
 		}
@@ -660,7 +660,7 @@ func TestDefaultClientRefusesPrivateAddressesAtDialTime(t *testing.T) {
 		if n := rc.count(); n != 0 {
 			t.Fatalf("the receiver was contacted (%d requests)", n)
 		}
-		if err := d.record(ctx, []result{r}); err != nil {
+		if err := testRecord(ctx, d, []result{r}); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -15,6 +15,7 @@ import (
 
 	standardwebhooks "github.com/standard-webhooks/standard-webhooks/libraries/go"
 
+	"github.com/outboxhook/webhooks/internal/dbtx"
 	"github.com/outboxhook/webhooks/store/sqlite"
 )
 
@@ -279,4 +280,31 @@ type immediateRetry struct{ max int }
 
 func (p immediateRetry) NextAttempt(f FailedAttempt) (time.Duration, bool) {
 	return 0, f.Attempt < p.max
+}
+
+// testExpand expands every unexpanded event into pending deliveries (no
+// slot free), as a step would, and returns how many events it expanded.
+func testExpand(ctx context.Context, d *Dispatcher) (int, error) {
+	n := 0
+	err := d.inTx(ctx, func(tx dbtx.Tx) error {
+		var out stepOutput
+		in := stepInput{perSub: map[string]int{}, expand: true}
+		err := d.expand(ctx, tx, in, 0, map[string]int{}, "", d.clock.Now(), &out)
+		n = out.events
+		return err
+	})
+	return n, err
+}
+
+// testClaim claims up to n due deliveries in a step of their own; the last
+// argument is ignored (it was the probe flag).
+func testClaim(ctx context.Context, d *Dispatcher, n int, perSub map[string]int, _ bool) ([]*job, bool, error) {
+	out, err := d.step(ctx, stepInput{free: n, claim: n, perSub: perSub})
+	return out.jobs, out.moreDue, err
+}
+
+// testRecord records finished attempts in a step of their own.
+func testRecord(ctx context.Context, d *Dispatcher, results []result) error {
+	_, err := d.step(ctx, stepInput{results: results, perSub: map[string]int{}})
+	return err
 }

@@ -88,8 +88,26 @@ type Queries struct {
 	// LockMigrations runs first in the migration transaction and serializes
 	// concurrent migrators. Empty when the transaction itself is exclusive.
 	LockMigrations string
-	// SelectUnexpanded: $1 limit. Returns seq, id, type, tenant.
+	// SelectUnexpanded: $1 limit. Returns seq, id, type, tenant, payload.
 	SelectUnexpanded string
+	// InsertDeliveries inserts many deliveries in one statement (a delivery
+	// for an event and subscription that exists already is skipped): $1
+	// JSON array of
+	// objects with the keys id, event_id, subscription_id, tenant, state,
+	// next_at, claim_token (null when not claimed) and at (the time now).
+	InsertDeliveries string
+	// MarkExpandedBatch: $1 expanded_at, $2 JSON array of event seqs.
+	MarkExpandedBatch string
+	// RecordDeliveries stores the outcome of many attempts in one statement,
+	// each only while the recording dispatcher still holds the claim: $1
+	// JSON array of objects with the keys
+	// id, claim_token, state, next_at, last_status, last_error, at (the time now) and
+	// delivered_at (null unless succeeded).
+	RecordDeliveries string
+	// InsertAttempts records many attempts in one statement: $1 JSON array
+	// of objects with the keys delivery_id, attempt, started_at,
+	// duration_ms, status_code, error and response_body.
+	InsertAttempts string
 	// SelectDueFirst and SelectDueRetry return due deliveries, first attempts
 	// and retries respectively: $1 now, $2 JSON array of subscription IDs to
 	// skip, $3 limit.
@@ -117,6 +135,10 @@ func (d Dialect) Queries() (Queries, error) {
 		// BEGIN IMMEDIATE, so plain selects are already exclusive.
 		return Queries{
 			SelectUnexpanded:            selectUnexpanded,
+			InsertDeliveries:            fmt.Sprintf(insertDeliveries, fmt.Sprintf(jsonRowsSQLite, deliveryFieldsSQLite)),
+			MarkExpandedBatch:           fmt.Sprintf(markExpandedBatch, fmt.Sprintf(jsonArraySQLite, "$2")),
+			RecordDeliveries:            fmt.Sprintf(recordDeliveries, fmt.Sprintf(jsonRowsSQLite, recordFieldsSQLite)),
+			InsertAttempts:              fmt.Sprintf(insertAttempts, fmt.Sprintf(jsonRowsSQLite, attemptFieldsSQLite)),
 			SelectDueFirst:              fmt.Sprintf(selectDueSQLite, "= 0"),
 			SelectDueRetry:              fmt.Sprintf(selectDueSQLite, "> 0"),
 			ClaimDeliveries:             fmt.Sprintf(claimDeliveries, fmt.Sprintf(jsonArraySQLite, "$4")),
@@ -129,6 +151,10 @@ func (d Dialect) Queries() (Queries, error) {
 		return Queries{
 			LockMigrations:              `SELECT pg_advisory_xact_lock(7316101326475121)`,
 			SelectUnexpanded:            selectUnexpanded + "\nFOR UPDATE SKIP LOCKED",
+			InsertDeliveries:            fmt.Sprintf(insertDeliveries, fmt.Sprintf(jsonRowsPostgres, deliveryFieldsPostgres)),
+			MarkExpandedBatch:           fmt.Sprintf(markExpandedBatch, `SELECT CAST(jsonb_array_elements_text(CAST($2 AS jsonb)) AS bigint)`),
+			RecordDeliveries:            fmt.Sprintf(recordDeliveries, fmt.Sprintf(jsonRowsPostgres, recordFieldsPostgres)),
+			InsertAttempts:              fmt.Sprintf(insertAttempts, fmt.Sprintf(jsonRowsPostgres, attemptFieldsPostgres)),
 			SelectDueFirst:              fmt.Sprintf(selectDue, "= 0", skip) + "\nFOR UPDATE OF d SKIP LOCKED",
 			SelectDueRetry:              fmt.Sprintf(selectDue, "> 0", skip) + "\nFOR UPDATE OF d SKIP LOCKED",
 			ClaimDeliveries:             fmt.Sprintf(claimDeliveries, fmt.Sprintf(jsonArrayPostgres, "$4")),
@@ -147,7 +173,7 @@ const jsonArrayPostgres = `SELECT jsonb_array_elements_text(CAST(%s AS jsonb))`
 // jsonArraySQLite expands a JSON array parameter into a one-column row set.
 const jsonArraySQLite = `SELECT value FROM json_each(%s)`
 
-const selectUnexpanded = `SELECT seq, id, type, tenant FROM webhook_outbox
+const selectUnexpanded = `SELECT seq, id, type, tenant, payload FROM webhook_outbox
 WHERE expanded_at IS NULL ORDER BY seq LIMIT $1`
 
 // selectDue's first verb is the attempts condition (it selects the partial
@@ -189,6 +215,61 @@ JOIN webhook_subscriptions s ON s.id = d.subscription_id
 JOIN webhook_outbox e ON e.id = d.event_id
 ORDER BY due.next_at, due.rid`
 
+// Set-based statements take their rows as one JSON array parameter, so a
+// batch costs one statement whatever its size. jsonRowsSQLite and
+// jsonRowsPostgres turn that array ($1) into a row set with the named
+// columns; the field lists below name the keys and (for PostgreSQL) their
+// types.
+const (
+	jsonRowsSQLite   = `SELECT %s FROM json_each($1)`
+	jsonRowsPostgres = `SELECT * FROM jsonb_to_recordset(CAST($1 AS jsonb)) AS r(%s)`
+
+	deliveryFieldsSQLite = `value->>'id' AS id, value->>'event_id' AS event_id,
+       value->>'subscription_id' AS subscription_id, value->>'tenant' AS tenant,
+       value->>'state' AS state, value->>'next_at' AS next_at,
+       value->>'claim_token' AS claim_token, value->>'at' AS at`
+	deliveryFieldsPostgres = `id text, event_id text, subscription_id text, tenant text, state text,
+       next_at bigint, claim_token text, at bigint`
+
+	recordFieldsSQLite = `value->>'id' AS id, value->>'claim_token' AS claim_token,
+       value->>'state' AS state, value->>'next_at' AS next_at,
+       value->>'last_status' AS last_status, value->>'last_error' AS last_error,
+       value->>'at' AS at, value->>'delivered_at' AS delivered_at`
+	recordFieldsPostgres = `id text, claim_token text, state text, next_at bigint, last_status integer,
+       last_error text, at bigint, delivered_at bigint`
+
+	attemptFieldsSQLite = `value->>'delivery_id' AS delivery_id, value->>'attempt' AS attempt,
+       value->>'started_at' AS started_at, value->>'duration_ms' AS duration_ms,
+       value->>'status_code' AS status_code, value->>'error' AS error,
+       value->>'response_body' AS response_body`
+	attemptFieldsPostgres = `delivery_id text, attempt integer, started_at bigint, duration_ms bigint,
+       status_code integer, error text, response_body text`
+)
+
+// insertDeliveries' verb is the row set. (WHERE TRUE tells SQLite's parser
+// that ON CONFLICT belongs to the INSERT, not to a join.)
+const insertDeliveries = `INSERT INTO webhook_deliveries
+    (id, event_id, subscription_id, tenant, state, attempts, next_at, claim_token, created_at, updated_at)
+SELECT id, event_id, subscription_id, tenant, state, 0, next_at, claim_token, at, at
+FROM (%s) AS r WHERE TRUE
+ON CONFLICT (event_id, subscription_id) DO NOTHING`
+
+const markExpandedBatch = `UPDATE webhook_outbox SET expanded_at = $1
+WHERE seq IN (%s) AND expanded_at IS NULL`
+
+const recordDeliveries = `UPDATE webhook_deliveries
+SET state = r.state, attempts = webhook_deliveries.attempts + 1, next_at = r.next_at,
+    claim_token = NULL, last_status = r.last_status, last_error = r.last_error,
+    updated_at = r.at, delivered_at = r.delivered_at
+FROM (%s) AS r
+WHERE webhook_deliveries.id = r.id AND webhook_deliveries.claim_token = r.claim_token
+  AND webhook_deliveries.state = 'delivering'`
+
+const insertAttempts = `INSERT INTO webhook_attempts
+    (delivery_id, attempt, started_at, duration_ms, status_code, error, response_body)
+SELECT delivery_id, attempt, started_at, duration_ms, status_code, error, response_body
+FROM (%s) AS r`
+
 const claimDeliveries = `UPDATE webhook_deliveries
 SET state = 'delivering', next_at = $1, claim_token = $2, updated_at = $3
 WHERE id IN (%s)`
@@ -197,7 +278,8 @@ WHERE id IN (%s)`
 const (
 	// SelectTenantSubscriptions: $1 tenant. The enabled subscriptions an
 	// event of that tenant may reach.
-	SelectTenantSubscriptions = `SELECT id, event_types FROM webhook_subscriptions
+	// Returns id, event_types, url, secrets.
+	SelectTenantSubscriptions = `SELECT id, event_types, url, secrets FROM webhook_subscriptions
 WHERE tenant = $1 AND enabled = TRUE`
 
 	// InsertDelivery: $1 id, $2 event_id, $3 subscription_id, $4 tenant,
@@ -208,23 +290,12 @@ WHERE tenant = $1 AND enabled = TRUE`
 VALUES ($1, $2, $3, $4, 'pending', 0, $5, $6, $7)
 ON CONFLICT (event_id, subscription_id) DO NOTHING`
 
-	// MarkExpanded: $1 expanded_at, $2 seq.
-	MarkExpanded = `UPDATE webhook_outbox SET expanded_at = $1 WHERE seq = $2 AND expanded_at IS NULL`
+	// SelectClaimToken: $1 delivery id. The delivery's claim token (NULL
+	// when not claimed).
+	SelectClaimToken = `SELECT claim_token FROM webhook_deliveries WHERE id = $1`
 
-	// RecordDelivery stores the outcome of an attempt, but only while the
-	// recording dispatcher still holds the claim: $1 state, $2 next_at,
-	// $3 last_status, $4 last_error, $5 updated_at, $6 delivered_at, $7 id,
-	// $8 claim_token.
-	RecordDelivery = `UPDATE webhook_deliveries
-SET state = $1, attempts = attempts + 1, next_at = $2, claim_token = NULL,
-    last_status = $3, last_error = $4, updated_at = $5, delivered_at = $6
-WHERE id = $7 AND claim_token = $8 AND state = 'delivering'`
-
-	// InsertAttempt: $1 delivery_id, $2 attempt, $3 started_at,
-	// $4 duration_ms, $5 status_code, $6 error, $7 response_body.
-	InsertAttempt = `INSERT INTO webhook_attempts
-    (delivery_id, attempt, started_at, duration_ms, status_code, error, response_body)
-VALUES ($1, $2, $3, $4, $5, $6, $7)`
+	// ProbeUnexpanded returns the ID of an unexpanded event, if any.
+	ProbeUnexpanded = `SELECT id FROM webhook_outbox WHERE expanded_at IS NULL ORDER BY seq LIMIT 1`
 
 	// DisableSubscription: $1 reason, $2 updated_at, $3 id.
 	DisableSubscription = `UPDATE webhook_subscriptions

@@ -95,6 +95,7 @@ func DSN(path string, opts Options) (string, error) {
 	q.Set("_txlock", "immediate")
 	q.Set("_foreign_keys", "on")
 	q.Set("_stmt_cache_size", strconv.Itoa(StmtCacheSize))
+	q.Set("_cache_size", "-65536")
 	return "file:" + path + "?" + q.Encode(), nil
 }
 

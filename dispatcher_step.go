@@ -1,0 +1,424 @@
+package webhooks
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"math"
+	"net/http"
+	"time"
+
+	"github.com/jmoiron/sqlx"
+
+	"github.com/outboxhook/webhooks/internal/dbtx"
+	"github.com/outboxhook/webhooks/store"
+)
+
+// The database side of the dispatcher: one step is one write transaction
+// that records finished attempts, claims due deliveries and expands new
+// events. Every statement of a step works on a whole batch (the rows go in
+// as one JSON parameter), so a step costs a handful of statements whatever
+// its size.
+
+// job is a claimed delivery.
+type job struct {
+	DeliveryID     string `db:"id"`
+	EventID        string `db:"event_id"`
+	SubscriptionID string `db:"subscription_id"`
+	Attempts       int    `db:"attempts"`
+	URL            string `db:"url"`
+	Secrets        string `db:"secrets"`
+	Payload        string `db:"payload"`
+	claimToken     string
+}
+
+// stepInput is what the loop asks of one step.
+type stepInput struct {
+	results  []result       // finished attempts to record
+	free     int            // slots free for new jobs
+	perSub   map[string]int // jobs in flight per subscription
+	claim    int            // claim up to this many due deliveries
+	expand   bool           // expand new events into the remaining slots
+	perEvent float64        // deliveries per event, to size the expansion
+}
+
+// stepOutput is what one step did.
+type stepOutput struct {
+	jobs       []*job   // claimed, to start
+	moreDue    bool     // due deliveries were left unclaimed
+	moreEvents bool     // events were left unexpanded
+	refused    []string // subscriptions whose due deliveries the claim left at their cap
+	events     int      // events expanded
+	deliveries int      // deliveries they made
+}
+
+// probe checks, without the write lock, whether there is anything to claim
+// (when claim is set) or expand (when expand is set), so idle polls take no
+// lock.
+func (d *Dispatcher) probe(ctx context.Context, perSub map[string]int, claim, expand bool) (bool, bool, error) {
+	if expand {
+		var ids []string
+		if err := sqlx.SelectContext(ctx, d.db, &ids, store.ProbeUnexpanded); err != nil {
+			return false, false, fmt.Errorf("look for events: %w", err)
+		}
+		expand = len(ids) > 0
+	}
+	if claim {
+		skip, now := d.skipJSON(perSub), d.clock.Now().UnixMilli()
+		found := false
+		for _, q := range []string{d.q.SelectDueFirst, d.q.SelectDueRetry} {
+			var due []*job
+			if err := sqlx.SelectContext(ctx, d.db, &due, q, now, skip, 1); err != nil {
+				return false, false, fmt.Errorf("look for due deliveries: %w", err)
+			}
+			if found = len(due) > 0; found {
+				break
+			}
+		}
+		claim = found
+	}
+	return claim, expand, nil
+}
+
+// step runs one write transaction as in asks. The batches are encoded
+// before the transaction begins, so the write lock is held only for the
+// statements.
+func (d *Dispatcher) step(ctx context.Context, in stepInput) (stepOutput, error) {
+	now := d.clock.Now()
+	var rec recordBatch
+	if len(in.results) > 0 {
+		var err error
+		if rec, err = d.recordBatch(in.results, now); err != nil {
+			return stepOutput{}, err
+		}
+	}
+	token, err := newID("")
+	if err != nil {
+		return stepOutput{}, err
+	}
+	var out stepOutput
+	err = d.inTx(ctx, func(tx dbtx.Tx) error {
+		out = stepOutput{}
+		if len(in.results) > 0 {
+			if err := d.record(ctx, tx, in.results, rec, now); err != nil {
+				return err
+			}
+		}
+		taken := map[string]int{}
+		if in.claim > 0 {
+			jobs, more, err := d.claim(ctx, tx, in.claim, in.perSub, taken, token, now, &out.refused)
+			if err != nil {
+				return err
+			}
+			out.jobs, out.moreDue = jobs, more
+		}
+		if free := in.free - len(out.jobs); in.expand && free > 0 {
+			if err := d.expand(ctx, tx, in, free, taken, token, now, &out); err != nil {
+				return err
+			}
+		} else if in.expand {
+			out.moreEvents = true // no slot left to expand into
+		}
+		return nil
+	})
+	if err != nil {
+		return stepOutput{}, err
+	}
+	return out, nil
+}
+
+// expand turns unexpanded events into deliveries, one per matching enabled
+// subscription of the event's tenant, and marks the events expanded. It
+// reads about as many events as make free deliveries (at most BatchSize);
+// deliveries that fit in the free slots and their subscription's cap are
+// inserted already claimed and become jobs at once, the others are inserted
+// pending for later claims.
+func (d *Dispatcher) expand(ctx context.Context, tx dbtx.Tx, in stepInput, free int, taken map[string]int,
+	token string, now time.Time, out *stepOutput) error {
+	type eventRow struct {
+		Seq     int64  `db:"seq"`
+		ID      string `db:"id"`
+		Type    string `db:"type"`
+		Tenant  string `db:"tenant"`
+		Payload string `db:"payload"`
+	}
+	limit := d.cfg.BatchSize
+	if in.perEvent > 0 {
+		limit = min(limit, max(1, int(math.Ceil(float64(free)/in.perEvent))))
+	}
+	var events []eventRow
+	if err := sqlx.SelectContext(ctx, tx, &events, d.q.SelectUnexpanded, limit); err != nil {
+		return fmt.Errorf("select events: %w", err)
+	}
+	out.moreEvents = len(events) == limit
+	if len(events) == 0 {
+		return nil
+	}
+	type subRow struct {
+		ID         string `db:"id"`
+		EventTypes string `db:"event_types"`
+		URL        string `db:"url"`
+		Secrets    string `db:"secrets"`
+		patterns   []string
+	}
+	type deliveryRow struct {
+		ID             string  `json:"id"`
+		EventID        string  `json:"event_id"`
+		SubscriptionID string  `json:"subscription_id"`
+		Tenant         string  `json:"tenant"`
+		State          string  `json:"state"`
+		NextAt         int64   `json:"next_at"`
+		ClaimToken     *string `json:"claim_token"`
+		At             int64   `json:"at"`
+	}
+	subsOf := map[string][]subRow{}
+	var rows []deliveryRow
+	claimed := map[string]*job{}
+	seqs := make([]int64, 0, len(events))
+	lease := now.Add(d.cfg.LeaseDuration).UnixMilli()
+	for _, e := range events {
+		seqs = append(seqs, e.Seq)
+		subs, ok := subsOf[e.Tenant]
+		if !ok {
+			if err := sqlx.SelectContext(ctx, tx, &subs, store.SelectTenantSubscriptions, e.Tenant); err != nil {
+				return fmt.Errorf("select subscriptions: %w", err)
+			}
+			for i := range subs {
+				if err := json.Unmarshal([]byte(subs[i].EventTypes), &subs[i].patterns); err != nil {
+					return fmt.Errorf("subscription %s: stored event types: %w", subs[i].ID, err)
+				}
+			}
+			subsOf[e.Tenant] = subs
+		}
+		for _, s := range subs {
+			if !matchesAny(s.patterns, e.Type) {
+				continue
+			}
+			id, err := newID("dlv_")
+			if err != nil {
+				return err
+			}
+			row := deliveryRow{ID: id, EventID: e.ID, SubscriptionID: s.ID, Tenant: e.Tenant,
+				State: string(DeliveryPending), NextAt: now.UnixMilli(), At: now.UnixMilli()}
+			if free > 0 && in.perSub[s.ID]+taken[s.ID] < d.cfg.MaxInFlightPerSubscription {
+				free--
+				taken[s.ID]++
+				row.State, row.NextAt, row.ClaimToken = string(DeliveryDelivering), lease, &token
+				claimed[id] = &job{DeliveryID: id, EventID: e.ID, SubscriptionID: s.ID,
+					URL: s.URL, Secrets: s.Secrets, Payload: e.Payload, claimToken: token}
+			} else {
+				out.moreDue = true
+			}
+			rows = append(rows, row)
+		}
+	}
+	if len(rows) > 0 {
+		batch, err := json.Marshal(rows)
+		if err != nil {
+			return fmt.Errorf("encode deliveries: %w", err)
+		}
+		res, err := tx.ExecContext(ctx, d.q.InsertDeliveries, string(batch))
+		if err != nil {
+			return fmt.Errorf("insert deliveries: %w", err)
+		}
+		// The events were unexpanded and are locked by this transaction,
+		// so none of their deliveries can exist already; should one exist
+		// all the same (ON CONFLICT skipped it), which one is unknown, so
+		// no job starts now: the claimed rows that were inserted become due
+		// again when their lease lapses.
+		if n, err := res.RowsAffected(); err != nil || n != int64(len(rows)) {
+			d.log.Warn("webhooks: some deliveries existed before their event was expanded; their jobs start when the lease lapses",
+				slog.Int64("inserted", n), slog.Int("expected", len(rows)), slog.Any("error", err))
+		} else {
+			for _, row := range rows {
+				if j, ok := claimed[row.ID]; ok {
+					out.jobs = append(out.jobs, j)
+				}
+			}
+		}
+	}
+	if _, err := tx.ExecContext(ctx, d.q.MarkExpandedBatch, now.UnixMilli(), int64sJSON(seqs)); err != nil {
+		return fmt.Errorf("mark events expanded: %w", err)
+	}
+	out.events, out.deliveries = len(events), len(rows)
+	return nil
+}
+
+// claim leases up to limit due deliveries, at most MaxInFlightPerSubscription
+// per subscription counting those in flight (perSub) and those this step
+// took (taken), sharing the slots between first attempts and retries so
+// neither starves the other. more reports that due work was left behind.
+func (d *Dispatcher) claim(ctx context.Context, tx dbtx.Tx, limit int, perSub, taken map[string]int,
+	token string, now time.Time, refused *[]string) (jobs []*job, more bool, err error) {
+	capPer := d.cfg.MaxInFlightPerSubscription
+	skip := d.skipJSON(perSub)
+	var first, retry []*job
+	if err := sqlx.SelectContext(ctx, tx, &first, d.q.SelectDueFirst, now.UnixMilli(), skip, limit); err != nil {
+		return nil, false, fmt.Errorf("select due deliveries: %w", err)
+	}
+	if err := sqlx.SelectContext(ctx, tx, &retry, d.q.SelectDueRetry, now.UnixMilli(), skip, limit); err != nil {
+		return nil, false, fmt.Errorf("select due retries: %w", err)
+	}
+	take := func(j *job) {
+		if perSub[j.SubscriptionID]+taken[j.SubscriptionID] < capPer {
+			taken[j.SubscriptionID]++
+			j.claimToken = token
+			jobs = append(jobs, j)
+		} else {
+			*refused = append(*refused, j.SubscriptionID)
+		}
+	}
+	// Alternate between the lanes while both have work. Successive claims
+	// start with either lane in turn, so that claims of one slot
+	// (Concurrency 1, or a single slot freed) serve retries too.
+	both := len(first) > 0 && len(retry) > 0
+	retryTurn := both && d.retryTurn.Load()
+	if both {
+		d.retryTurn.Store(!retryTurn)
+	}
+	for i, k := 0, 0; len(jobs) < limit && (i < len(first) || k < len(retry)); {
+		if i < len(first) && ((len(jobs)%2 == 0) != retryTurn || k >= len(retry)) {
+			take(first[i])
+			i++
+		} else {
+			take(retry[k])
+			k++
+		}
+	}
+	more = len(first)+len(retry) > len(jobs) || len(jobs) == limit
+	if len(jobs) == 0 {
+		return nil, more, nil
+	}
+	ids := make([]string, len(jobs))
+	for i, j := range jobs {
+		ids[i] = j.DeliveryID
+	}
+	lease := now.Add(d.cfg.LeaseDuration).UnixMilli()
+	if _, err := tx.ExecContext(ctx, d.q.ClaimDeliveries, lease, token, now.UnixMilli(), idsJSON(ids)); err != nil {
+		return nil, false, fmt.Errorf("claim deliveries: %w", err)
+	}
+	return jobs, more, nil
+}
+
+// skipJSON lists the subscriptions at their in-flight cap, which claims
+// skip.
+func (d *Dispatcher) skipJSON(perSub map[string]int) string {
+	ids := make([]string, 0, len(perSub))
+	for s, n := range perSub {
+		if n >= d.cfg.MaxInFlightPerSubscription {
+			ids = append(ids, s)
+		}
+	}
+	return idsJSON(ids)
+}
+
+// recordBatch is the encoded outcome of finished attempts.
+type recordBatch struct {
+	deliveries string // RecordDeliveries' parameter
+	attempts   string // InsertAttempts' parameter
+}
+
+// recordBatch decides each finished attempt's consequence and encodes the
+// rows to store.
+func (d *Dispatcher) recordBatch(results []result, now time.Time) (recordBatch, error) {
+	type deliveryRow struct {
+		ID          string `json:"id"`
+		ClaimToken  string `json:"claim_token"`
+		State       string `json:"state"`
+		NextAt      int64  `json:"next_at"`
+		LastStatus  int    `json:"last_status"`
+		LastError   string `json:"last_error"`
+		At          int64  `json:"at"`
+		DeliveredAt *int64 `json:"delivered_at"`
+	}
+	type attemptRow struct {
+		DeliveryID   string `json:"delivery_id"`
+		Attempt      int    `json:"attempt"`
+		StartedAt    int64  `json:"started_at"`
+		DurationMS   int64  `json:"duration_ms"`
+		StatusCode   int    `json:"status_code"`
+		Error        string `json:"error"`
+		ResponseBody string `json:"response_body"`
+	}
+	deliveries := make([]deliveryRow, len(results))
+	attempts := make([]attemptRow, len(results))
+	for i := range results {
+		r := &results[i]
+		o := d.outcome(r, now)
+		deliveries[i] = deliveryRow{ID: r.job.DeliveryID, ClaimToken: r.job.claimToken, State: string(o.state),
+			NextAt: o.nextAt, LastStatus: r.status, LastError: r.errText, At: now.UnixMilli()}
+		if o.deliveredAt.Valid {
+			deliveries[i].DeliveredAt = &o.deliveredAt.Int64
+		}
+		attempts[i] = attemptRow{DeliveryID: r.job.DeliveryID, Attempt: r.job.Attempts + 1,
+			StartedAt: r.started.UnixMilli(), DurationMS: r.duration.Milliseconds(),
+			StatusCode: r.status, Error: r.errText, ResponseBody: r.excerpt}
+	}
+	dj, err := json.Marshal(deliveries)
+	if err != nil {
+		return recordBatch{}, fmt.Errorf("encode delivery outcomes: %w", err)
+	}
+	aj, err := json.Marshal(attempts)
+	if err != nil {
+		return recordBatch{}, fmt.Errorf("encode attempts: %w", err)
+	}
+	return recordBatch{deliveries: string(dj), attempts: string(aj)}, nil
+}
+
+// record stores the outcome of finished attempts: the attempt rows, each
+// delivery's new state, and subscriptions disabled by 410 Gone.
+func (d *Dispatcher) record(ctx context.Context, tx dbtx.Tx, results []result, b recordBatch, now time.Time) error {
+	res, err := tx.ExecContext(ctx, d.q.RecordDeliveries, b.deliveries)
+	if err != nil {
+		return fmt.Errorf("update deliveries: %w", err)
+	}
+	if n, err := res.RowsAffected(); err != nil {
+		return fmt.Errorf("update deliveries: %w", err)
+	} else if n < int64(len(results)) {
+		d.warnLostClaims(ctx, tx, results)
+	}
+	if _, err := tx.ExecContext(ctx, d.q.InsertAttempts, b.attempts); err != nil {
+		return fmt.Errorf("insert attempts: %w", err)
+	}
+	for i := range results {
+		r := &results[i]
+		if r.status != http.StatusGone {
+			continue
+		}
+		reason := fmt.Sprintf("endpoint answered 410 Gone at %s", r.started.UTC().Format(time.RFC3339))
+		if _, err := tx.ExecContext(ctx, store.DisableSubscription, reason, now.UnixMilli(), r.job.SubscriptionID); err != nil {
+			return fmt.Errorf("disable subscription %s: %w", r.job.SubscriptionID, err)
+		}
+		d.log.Warn("webhooks: subscription disabled: endpoint answered 410 Gone",
+			slog.String("subscription", r.job.SubscriptionID))
+	}
+	return nil
+}
+
+// warnLostClaims logs the finished attempts whose delivery was claimed
+// again (its lease lapsed) or canceled while in flight: their attempts are
+// recorded, but the delivery's state was left as it was.
+func (d *Dispatcher) warnLostClaims(ctx context.Context, tx dbtx.Tx, results []result) {
+	for i := range results {
+		j := results[i].job
+		var token sql.NullString
+		err := sqlx.GetContext(ctx, tx, &token, store.SelectClaimToken, j.DeliveryID)
+		if err == nil && token.Valid && token.String == j.claimToken {
+			continue // it was recorded
+		}
+		d.log.Warn("webhooks: delivery was claimed again or canceled while in flight; attempt recorded, state left as is",
+			slog.String("delivery", j.DeliveryID))
+	}
+}
+
+func (d *Dispatcher) inTx(ctx context.Context, fn func(tx dbtx.Tx) error) error {
+	return dbtx.Run(ctx, d.db, d.dialect == DialectSQLite, fn)
+}
+
+// int64sJSON encodes numbers as a JSON array.
+func int64sJSON(ns []int64) string {
+	b, _ := json.Marshal(ns)
+	return string(b)
+}
