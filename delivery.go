@@ -33,7 +33,8 @@ const (
 	// DeliverySucceeded: the endpoint answered 2xx.
 	DeliverySucceeded DeliveryState = "succeeded"
 	// DeliveryDead: every attempt the retry policy allowed failed. It is
-	// kept and can be queued again with Subscriptions.RetryDelivery.
+	// kept and can be queued again with Subscriptions.RetryDelivery,
+	// Replay or Resend.
 	DeliveryDead DeliveryState = "dead"
 	// DeliveryCanceled: its subscription was deleted before it succeeded.
 	DeliveryCanceled DeliveryState = "canceled"
@@ -46,7 +47,9 @@ type Delivery struct {
 	SubscriptionID string
 	Tenant         string
 	State          DeliveryState
-	// Attempts is how many attempts were made.
+	// Attempts is how many attempts were made since the delivery was
+	// created or last replayed (Replay and Resend start a fresh retry
+	// schedule, counting from 0 again; AttemptLog keeps every attempt).
 	Attempts int
 	// NextAttemptAt is when a pending delivery is next due (while
 	// delivering: when its claim lapses).
@@ -58,7 +61,7 @@ type Delivery struct {
 	UpdatedAt  time.Time
 	// DeliveredAt is when it succeeded; zero until then.
 	DeliveredAt time.Time
-	// AttemptLog holds every attempt, oldest first.
+	// AttemptLog holds every attempt, oldest first, replays included.
 	AttemptLog []DeliveryAttempt
 }
 
@@ -168,7 +171,7 @@ func (s *Subscriptions) withAttempts(ctx context.Context, r *deliveryRow) (Deliv
 		dl.DeliveredAt = fromMilli(r.DeliveredAt.Int64)
 	}
 	var attempts []attemptRow
-	if err := sqlx.SelectContext(ctx, s.db, &attempts, store.SelectAttempts, r.ID); err != nil {
+	if err := sqlx.SelectContext(ctx, s.db, &attempts, store.SelectAttemptLog, r.ID); err != nil {
 		return Delivery{}, fmt.Errorf("webhooks: attempts of delivery %q: %w", r.ID, err)
 	}
 	for _, a := range attempts {
@@ -181,18 +184,25 @@ func (s *Subscriptions) withAttempts(ctx context.Context, r *deliveryRow) (Deliv
 }
 
 // RetryDelivery queues the tenant's succeeded or dead delivery id to be
-// attempted again now (a replay: the receiver gets the same webhook-id).
+// attempted again now (a replay: the receiver gets the same webhook-id). It
+// is one more attempt: the attempt count goes on, so when the retry policy
+// had given up, a failure makes the delivery dead again at once (Replay and
+// Resend start a fresh retry schedule instead). A delivery of a deleted
+// subscription is ErrNotFound; one that is pending, in flight or canceled
+// is ErrInvalidSubscription.
 func (s *Subscriptions) RetryDelivery(ctx context.Context, tenant, id string) error {
-	now := s.clock.Now().UnixMilli()
-	res, err := s.db.ExecContext(ctx, store.RequeueDelivery, now, now, tenant, id)
+	n, err := s.requeue(ctx, tenant, []string{id}, requeueMode{succeeded: true})
 	if err != nil {
 		return fmt.Errorf("webhooks: retry delivery %q: %w", id, err)
 	}
-	if n, err := res.RowsAffected(); err != nil {
-		return fmt.Errorf("webhooks: retry delivery %q: %w", id, err)
-	} else if n == 0 {
-		if _, err := s.Delivery(ctx, tenant, id); err != nil {
+	if n == 0 {
+		dl, err := s.Delivery(ctx, tenant, id)
+		if err != nil {
 			return err
+		}
+		if dl.State == DeliverySucceeded || dl.State == DeliveryDead {
+			// Still finished: its subscription (or event) is gone.
+			return fmt.Errorf("%w: delivery %q belongs to a deleted subscription", ErrNotFound, id)
 		}
 		return fmt.Errorf("%w: delivery %q is neither succeeded nor dead", ErrInvalidSubscription, id)
 	}
@@ -218,14 +228,7 @@ func (d *Dispatcher) deliver(ctx context.Context, j *job) result {
 	begin := time.Now()
 	defer func() { r.duration = time.Since(begin) }()
 
-	secrets, err := activeSecrets(j.Secrets, now)
-	if err == nil && len(secrets) == 0 {
-		err = errors.New("webhooks: subscription has no active secret")
-	}
-	var sig *signer
-	if err == nil {
-		sig, err = newSigner(secrets)
-	}
+	sig, err := d.signers.get(j.Secrets, now)
 	if err != nil {
 		r.err, r.errText = err, "cannot sign: "+err.Error()
 		r.duration = time.Since(begin)

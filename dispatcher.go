@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/jmoiron/sqlx"
+	"go.opentelemetry.io/otel/metric"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/outboxhook/webhooks/internal/pglisten"
@@ -85,7 +86,49 @@ type Config struct {
 	// Clock tells the time for scheduling, leases and signatures. Nil means
 	// the system clock.
 	Clock Clock
+
+	// Retention of delivery history: the cleaner (retention.go).
+
+	// Retention is how long succeeded and canceled deliveries (with their
+	// attempts) and expanded events are kept: a delivery counts from its
+	// last update, an event from its expansion, and an event goes only
+	// once it has no delivery left (pending, delivering and dead deliveries
+	// keep theirs). Zero means RetentionDefault; negative (RetentionForever)
+	// keeps everything and runs no cleaner.
+	Retention time.Duration
+	// DeadRetention is how long dead deliveries (with their attempts) are
+	// kept, counted from their last update. It must not be shorter than
+	// Retention. Zero means DeadRetentionDefault, or Retention when that is
+	// longer; negative (RetentionForever) keeps dead deliveries forever.
+	DeadRetention time.Duration
+	// CleanupInterval is how often the cleaner deletes expired rows. Zero
+	// means CleanupIntervalDefault.
+	CleanupInterval time.Duration
+	// CleanupBatchSize is how many rows the cleaner deletes per
+	// transaction; it pauses between transactions, so deliveries are never
+	// held up long. Zero means CleanupBatchSizeDefault.
+	CleanupBatchSize int
+
+	// Metrics (metrics.go).
+
+	// MeterProvider receives the dispatcher's OpenTelemetry metrics:
+	// attempts by outcome and status class, attempt durations, delivery lag
+	// and the database's pending deliveries (the Metric… constants). Nil
+	// means no-op: nothing is measured.
+	MeterProvider metric.MeterProvider
 }
+
+// Defaults of Config's retention fields.
+const (
+	RetentionDefault        = 30 * 24 * time.Hour
+	DeadRetentionDefault    = 90 * 24 * time.Hour
+	CleanupIntervalDefault  = time.Minute
+	CleanupBatchSizeDefault = 500
+	// RetentionForever, as Config.Retention, keeps all history and turns
+	// the cleaner off; as Config.DeadRetention, it keeps dead deliveries
+	// forever.
+	RetentionForever time.Duration = -1
+)
 
 // Dispatcher delivers published events. It polls the outbox, expands each
 // event into one delivery per matching subscription, claims due deliveries
@@ -100,10 +143,13 @@ type Dispatcher struct {
 	ownTr   *http.Transport // closed on shutdown when the client is ours
 	log     *slog.Logger
 	clock   Clock
+	metrics *dispatcherMetrics
 
 	wake     chan struct{}
 	stopping chan struct{} // closed by Shutdown: claim nothing more
 	done     chan struct{} // closed when Run has returned
+
+	signers signerCache
 
 	// retryTurn says the next claim that finds both first attempts and
 	// retries due starts with a retry.
@@ -134,6 +180,7 @@ func NewDispatcher(db *sql.DB, cfg Config) (*Dispatcher, error) {
 		log: cfg.Logger, clock: clockOrSystem(cfg.Clock),
 		wake: make(chan struct{}, 1), stopping: make(chan struct{}), done: make(chan struct{}),
 	}
+	disp.metrics = newDispatcherMetrics(cfg.MeterProvider, cfg.Logger)
 	if cfg.HTTPClient != nil {
 		c := *cfg.HTTPClient
 		disp.client = &c
@@ -184,6 +231,9 @@ func (c *Config) setDefaults() error {
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
+	if err := c.setRetentionDefaults(); err != nil {
+		return err
+	}
 	return nil
 }
 
@@ -229,6 +279,8 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	defer close(d.done)
 	defer cancel()
 	defer d.closeIdle()
+	defer d.registerGauges()()  // the pending gauges are observed while Run runs
+	defer d.startCleaner(ctx)() // the cleaner has exited before d.done closes
 
 	if d.q.NotifyChannel != "" {
 		// Wake on commit through LISTEN/NOTIFY; polling stays the fallback.

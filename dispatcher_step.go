@@ -347,6 +347,7 @@ func (d *Dispatcher) recordBatch(results []result, now time.Time) (recordBatch, 
 	for i := range results {
 		r := &results[i]
 		o := d.outcome(r, now)
+		d.metrics.attempt(r, o, now)
 		deliveries[i] = deliveryRow{ID: r.job.DeliveryID, ClaimToken: r.job.claimToken, State: string(o.state),
 			NextAt: o.nextAt, LastStatus: r.status, LastError: r.errText, At: now.UnixMilli()}
 		if o.deliveredAt.Valid {

@@ -95,9 +95,10 @@ type HandlerConfig struct {
 	// Logger receives the handler's logs (never a secret). Nil means
 	// slog.Default().
 	Logger *slog.Logger
-	// Notify, when set, is called after a delivery was queued by the test
-	// and retry routes, so a dispatcher in the same process can start at
-	// once; pass the dispatcher's Notify method. It must not block.
+	// Notify, when set, is called after deliveries were queued by the
+	// test, retry and replay routes, so a dispatcher in the same process
+	// can start at once; pass the dispatcher's Notify method. It must not
+	// block.
 	Notify func()
 	// WWWAuthenticate is the WWW-Authenticate header of 401 answers. Empty
 	// means WWWAuthenticateDefault.
@@ -132,6 +133,7 @@ var handlerRoutes = []route{
 	{"GET", "/webhook-subscriptions/{subscriptionId}/deliveries", (*handler).listDeliveries},
 	{"POST", "/webhook-subscriptions/{subscriptionId}/deliveries/{deliveryId}/retry", (*handler).retryDelivery},
 	{"POST", "/webhook-subscriptions/{subscriptionId}/test", (*handler).sendTest},
+	{"POST", "/webhook-subscriptions/{subscriptionId}/replay", (*handler).replay},
 	{"GET", "/event-types", (*handler).listEventTypes},
 }
 
@@ -150,6 +152,7 @@ var handlerRoutes = []route{
 //	GET    /webhook-subscriptions/{subscriptionId}/deliveries?status=&limit=&cursor=
 //	POST   /webhook-subscriptions/{subscriptionId}/deliveries/{deliveryId}/retry
 //	POST   /webhook-subscriptions/{subscriptionId}/test
+//	POST   /webhook-subscriptions/{subscriptionId}/replay
 //	GET    /event-types
 //
 // Errors are RFC 9457 problem documents (application/problem+json) whose

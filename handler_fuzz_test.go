@@ -152,6 +152,8 @@ func FuzzDecodeSubscription(f *testing.F) {
 		`{"eventTypes":["order.*"],"callbackUrl":"https://public.example/"} {}`,
 		`{"eventTypes":"order.*"}`, `[]`, `null`, `{`, `{"a":1,"a":2}`, "{\"description\":\"\xff\"}", ``,
 		`{"eventTypes":[],"callbackUrl":null,"metadata":{"":"x"},"enabled":"no"}`,
+		`{"eventTypes":["order.*"],"callbackUrl":"https://public.example/","headers":{"x-token":"t"},"rateLimit":2.5}`,
+		`{"eventTypes":["order.*"],"callbackUrl":"https://public.example/","headers":{"Webhook-Id":"x"},"rateLimit":-1}`,
 	} {
 		f.Add([]byte(s))
 	}
@@ -190,6 +192,12 @@ func FuzzDecodeSubscription(f *testing.F) {
 		}
 		if sub.Metadata != nil {
 			canon["metadata"] = sub.Metadata
+		}
+		if sub.Headers != nil {
+			canon["headers"] = sub.Headers
+		}
+		if sub.RateLimit != 0 {
+			canon["rateLimit"] = sub.RateLimit
 		}
 		b, err := json.Marshal(canon)
 		if err != nil {

@@ -35,8 +35,15 @@ type subscriptionJSON struct {
 	Metadata       map[string]string `json:"metadata"`
 	Enabled        bool              `json:"enabled"`
 	DisabledReason string            `json:"disabledReason,omitempty"`
-	CreatedAt      time.Time         `json:"createdAt"`
-	UpdatedAt      time.Time         `json:"updatedAt"`
+	// Headers are shown with their values: they are the tenant's own, like
+	// the callback URL.
+	Headers             map[string]string `json:"headers"`
+	RateLimit           float64           `json:"rateLimit"`
+	ConsecutiveFailures int               `json:"consecutiveFailures"`
+	FailingSince        *time.Time        `json:"failingSince,omitempty"`
+	LastSuccessAt       *time.Time        `json:"lastSuccessAt,omitempty"`
+	CreatedAt           time.Time         `json:"createdAt"`
+	UpdatedAt           time.Time         `json:"updatedAt"`
 	// PreviousSecretExpiresAt, on rotate-secret answers, is when the
 	// replaced secret stops signing.
 	PreviousSecretExpiresAt *time.Time `json:"previousSecretExpiresAt,omitempty"`
@@ -90,6 +97,18 @@ func toSubscriptionJSON(s *Subscription, withSecret bool) subscriptionJSON {
 		SubscriptionID: s.ID, EventTypes: s.EventTypes, CallbackURL: s.URL,
 		Description: s.Description, Metadata: s.Metadata, Enabled: !s.Disabled,
 		DisabledReason: s.DisabledReason, CreatedAt: s.CreatedAt, UpdatedAt: s.UpdatedAt,
+		Headers: s.Headers, RateLimit: s.RateLimit, ConsecutiveFailures: s.ConsecutiveFailures,
+	}
+	if !s.FailingSince.IsZero() {
+		at := s.FailingSince
+		out.FailingSince = &at
+	}
+	if !s.LastSuccessAt.IsZero() {
+		at := s.LastSuccessAt
+		out.LastSuccessAt = &at
+	}
+	if out.Headers == nil {
+		out.Headers = map[string]string{}
 	}
 	if len(s.EventTypes) == 1 {
 		out.EventType = s.EventTypes[0]
@@ -277,9 +296,9 @@ func fieldName(s string) string {
 
 var (
 	createFields = map[string]bool{"eventType": true, "eventTypes": true, "callbackUrl": true, "secret": true,
-		"description": true, "metadata": true, "enabled": true}
+		"description": true, "metadata": true, "enabled": true, "headers": true, "rateLimit": true}
 	updateFields = map[string]bool{"eventTypes": true, "callbackUrl": true, "description": true,
-		"metadata": true, "enabled": true}
+		"metadata": true, "enabled": true, "headers": true, "rateLimit": true}
 )
 
 // field decodes fields[name] into a T; a missing field leaves ok false,
@@ -357,6 +376,12 @@ func (h *handler) decodeCreate(ctx context.Context, body []byte) (Subscription, 
 	if e, ok := decodeField[bool](fields, "enabled", "a boolean", &errs); ok {
 		sub.Disabled = !e
 	}
+	if hs, ok := decodeHeaders(fields, &errs); ok {
+		sub.Headers = hs
+	}
+	if rl, ok := decodeRateLimit(fields, &errs); ok {
+		sub.RateLimit = rl
+	}
 	if len(errs) > 0 {
 		return Subscription{}, problemValidation(errs)
 	}
@@ -401,6 +426,15 @@ func (h *handler) decodeUpdate(ctx context.Context, body []byte) (u Subscription
 	if e, ok := decodeField[bool](fields, "enabled", "a boolean", &errs); ok {
 		off := !e
 		u.Disabled = &off
+	}
+	if hs, ok := decodeHeaders(fields, &errs); ok {
+		if hs == nil {
+			hs = map[string]string{}
+		}
+		u.Headers = hs
+	}
+	if rl, ok := decodeRateLimit(fields, &errs); ok {
+		u.RateLimit = &rl
 	}
 	if len(errs) > 0 {
 		return SubscriptionUpdate{}, false, problemValidation(errs)

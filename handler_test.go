@@ -191,6 +191,7 @@ const (
 	tmplDeliveries = "/webhook-subscriptions/{subscriptionId}/deliveries"
 	tmplRetry      = "/webhook-subscriptions/{subscriptionId}/deliveries/{deliveryId}/retry"
 	tmplTest       = "/webhook-subscriptions/{subscriptionId}/test"
+	tmplReplay     = "/webhook-subscriptions/{subscriptionId}/replay"
 	tmplEventTypes = "/event-types"
 )
 

@@ -325,7 +325,7 @@ func TestOpenAPIResponsesConform(t *testing.T) {
 		broken.record = c.record
 
 		rc := newReceiver(t, nil)
-		created := api.do(acmeJSONReq("POST", tmplSubs, "", `{"eventTypes":["order.*"],"callbackUrl":"`+rc.URL()+`","description":"d","metadata":{"k":"v"}}`))
+		created := api.do(acmeJSONReq("POST", tmplSubs, "", `{"eventTypes":["order.*"],"callbackUrl":"`+rc.URL()+`","description":"d","metadata":{"k":"v"},"headers":{"x-token":"t"},"rateLimit":5}`))
 		id := created.json(t)["subscriptionId"].(string)
 		rc.setSecrets(created.json(t)["secret"].(string))
 		api.do(acmeJSONReq("POST", tmplSubs, "", `{"eventType":"order.shipped","callbackUrl":"https://public.example/"}`))
@@ -359,6 +359,9 @@ func TestOpenAPIResponsesConform(t *testing.T) {
 				{path: "/webhook-subscriptions/" + spare + "/deliveries/" + pending + "/retry"},
 				{path: "/webhook-subscriptions/" + id + "/deliveries/dlv_missing/retry"}}},
 			{"POST", tmplTest, "/webhook-subscriptions/" + id + "/test", "", []apiReq{{path: "/webhook-subscriptions/sub_missing/test"}}},
+			{"POST", tmplReplay, "/webhook-subscriptions/" + id + "/replay", `{"since":"2020-01-01T00:00:00Z","scope":"all"}`, []apiReq{
+				{path: "/webhook-subscriptions/sub_missing/replay", body: `{"since":"2020-01-01T00:00:00Z"}`},
+				{body: `{"scope":"some"}`}}},
 			{"POST", tmplRotate, "/webhook-subscriptions/" + id + "/rotate-secret", "", []apiReq{{path: "/webhook-subscriptions/sub_missing/rotate-secret"}}},
 			{"GET", tmplEventTypes, "/event-types", "", nil},
 			{"DELETE", tmplSub, "/webhook-subscriptions/" + spare, "", []apiReq{{path: "/webhook-subscriptions/" + spare}}},

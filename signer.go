@@ -6,10 +6,12 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"hash"
 	"io"
+	"math"
 	"net/http"
 	"strconv"
 	"strings"
@@ -469,4 +471,78 @@ func verifyFailureResponse(err error) (int, string) {
 	default:
 		return http.StatusUnauthorized, "invalid webhook signature"
 	}
+}
+
+// signerCache keeps one signer per stored secrets column, so the hot path
+// neither parses secrets nor builds fresh HMAC states for every delivery.
+// Safe for concurrent use.
+type signerCache struct {
+	mu      sync.Mutex
+	entries map[string]signerEntry
+}
+
+type signerEntry struct {
+	sig *signer
+	err error
+	// until is the first instant (unix ms) at which a rotated-out secret
+	// expires, when the entry must be rebuilt; math.MaxInt64 for never.
+	until int64
+}
+
+// signerCacheMax bounds the cache; past it the cache starts over.
+const signerCacheMax = 4096
+
+// get returns the signer for the secrets stored in column (a JSON array, see
+// storedSecret) at time now.
+func (c *signerCache) get(column string, now time.Time) (*signer, error) {
+	ms := now.UnixMilli()
+	c.mu.Lock()
+	e, ok := c.entries[column]
+	c.mu.Unlock()
+	if ok && ms < e.until {
+		return e.sig, e.err
+	}
+	e = buildSignerEntry(column, ms)
+	c.mu.Lock()
+	if c.entries == nil || len(c.entries) >= signerCacheMax {
+		c.entries = make(map[string]signerEntry)
+	}
+	c.entries[column] = e
+	c.mu.Unlock()
+	return e.sig, e.err
+}
+
+func buildSignerEntry(column string, ms int64) signerEntry {
+	active, until, err := activeSecretsUntil(column, ms)
+	e := signerEntry{err: err, until: until}
+	if err == nil && len(active) == 0 {
+		e.err = errors.New("webhooks: subscription has no active secret")
+	}
+	if e.err == nil {
+		e.sig, e.err = newSigner(active)
+	}
+	return e
+}
+
+// activeSecretsUntil returns the secrets stored in column (a JSON array of
+// storedSecret) that sign at ms (unix milliseconds), current one first, and
+// the first instant after ms at which one of them expires (math.MaxInt64 for
+// never).
+func activeSecretsUntil(column string, ms int64) (active []string, until int64, err error) {
+	var stored []storedSecret
+	if err := json.Unmarshal([]byte(column), &stored); err != nil {
+		return nil, math.MaxInt64, fmt.Errorf("webhooks: stored secrets: %w", err)
+	}
+	until = math.MaxInt64
+	active = make([]string, 0, len(stored))
+	for _, s := range stored {
+		if s.ExpiresAt != 0 && s.ExpiresAt <= ms {
+			continue
+		}
+		active = append(active, s.Secret)
+		if s.ExpiresAt != 0 {
+			until = min(until, s.ExpiresAt)
+		}
+	}
+	return active, until, nil
 }

@@ -57,6 +57,28 @@ type Subscription struct {
 	// DisabledReason says why the subscription was disabled, for example
 	// because its endpoint answered 410 Gone.
 	DisabledReason string
+	// Headers are static HTTP headers sent with every delivery, for
+	// receivers that want a token of their own beside the signature: at
+	// most MaxHeaders, names RFC 9110 tokens of at most MaxHeaderNameBytes,
+	// values without control characters other than tab, MaxHeadersBytes
+	// in all. Names are stored in canonical form (http.CanonicalHeaderKey).
+	// Headers the library sets or that govern the connection cannot be
+	// set: every "webhook-*" name, Content-Type, Content-Length,
+	// Content-Encoding, Host, User-Agent, Accept-Encoding, Expect and the
+	// hop-by-hop headers (Connection, Transfer-Encoding, ...).
+	Headers map[string]string
+	// RateLimit bounds the deliveries to this subscription, per second;
+	// 0 means no limit.
+	RateLimit float64
+	// ConsecutiveFailures, FailingSince and LastSuccessAt describe the
+	// endpoint's health as the dispatcher records it: the failed attempts
+	// since the last success, when that run of failures began (zero while
+	// healthy), and the last success (zero before the first). They are
+	// read-only: Create and Update ignore them, and enabling a disabled
+	// subscription resets the first two.
+	ConsecutiveFailures int
+	FailingSince        time.Time
+	LastSuccessAt       time.Time
 	// CreatedAt and UpdatedAt are set by the store.
 	CreatedAt, UpdatedAt time.Time
 
@@ -79,10 +101,17 @@ type SubscriptionUpdate struct {
 	Description *string
 	Metadata    map[string]string
 	// Disabled set to false enables the subscription and clears its
-	// DisabledReason; set to true disables it with DisabledReason (or
-	// "disabled by the application" when that is nil).
+	// DisabledReason; enabling a disabled subscription also resets its
+	// health (ConsecutiveFailures and FailingSince). Set to true it
+	// disables the subscription with DisabledReason (or "disabled by the
+	// application" when that is nil).
 	Disabled       *bool
 	DisabledReason *string
+	// Headers, when not nil, replaces the static headers (an empty map
+	// removes them all).
+	Headers map[string]string
+	// RateLimit, when not nil, replaces the rate limit (0: none).
+	RateLimit *float64
 }
 
 // ListOptions selects a page of a List call.
@@ -116,6 +145,7 @@ type Subscriptions struct {
 	db      *sqlx.DB
 	dialect Dialect
 	q       store.Queries
+	ops     store.OpsQueries
 	clock   Clock
 }
 
@@ -130,22 +160,31 @@ func NewSubscriptions(db *sql.DB, cfg SubscriptionsConfig) (*Subscriptions, erro
 	if err != nil {
 		return nil, fmt.Errorf("webhooks: %w", err)
 	}
-	return &Subscriptions{db: sqlx.NewDb(db, driverName(d)), dialect: d, q: q, clock: clockOrSystem(cfg.Clock)}, nil
+	ops, err := d.OpsQueries()
+	if err != nil {
+		return nil, fmt.Errorf("webhooks: %w", err)
+	}
+	return &Subscriptions{db: sqlx.NewDb(db, driverName(d)), dialect: d, q: q, ops: ops, clock: clockOrSystem(cfg.Clock)}, nil
 }
 
 // subscriptionRow is the database form of a Subscription.
 type subscriptionRow struct {
-	ID             string `db:"id"`
-	Tenant         string `db:"tenant"`
-	URL            string `db:"url"`
-	EventTypes     string `db:"event_types"`
-	Secrets        string `db:"secrets"`
-	Description    string `db:"description"`
-	Metadata       string `db:"metadata"`
-	Enabled        bool   `db:"enabled"`
-	DisabledReason string `db:"disabled_reason"`
-	CreatedAt      int64  `db:"created_at"`
-	UpdatedAt      int64  `db:"updated_at"`
+	ID             string        `db:"id"`
+	Tenant         string        `db:"tenant"`
+	URL            string        `db:"url"`
+	EventTypes     string        `db:"event_types"`
+	Secrets        string        `db:"secrets"`
+	Description    string        `db:"description"`
+	Metadata       string        `db:"metadata"`
+	Enabled        bool          `db:"enabled"`
+	DisabledReason string        `db:"disabled_reason"`
+	CreatedAt      int64         `db:"created_at"`
+	UpdatedAt      int64         `db:"updated_at"`
+	Headers        string        `db:"headers"`
+	RateLimit      float64       `db:"rate_limit"`
+	Failures       int           `db:"consecutive_failures"`
+	FailingSince   sql.NullInt64 `db:"failing_since"`
+	LastSuccessAt  sql.NullInt64 `db:"last_success_at"`
 }
 
 // Create validates sub and stores it, enabled unless sub.Disabled. ID,
@@ -179,6 +218,7 @@ func (s *Subscriptions) create(ctx context.Context, sub Subscription, limit int)
 	}
 	now := s.clock.Now().UTC().Truncate(time.Millisecond)
 	sub.ID, sub.CreatedAt, sub.UpdatedAt, sub.previous = id, now, now, nil
+	sub.ConsecutiveFailures, sub.FailingSince, sub.LastSuccessAt = 0, time.Time{}, time.Time{}
 	if sub.Disabled && sub.DisabledReason == "" {
 		sub.DisabledReason = "disabled by the application"
 	}
@@ -198,9 +238,9 @@ func (s *Subscriptions) create(ctx context.Context, sub Subscription, limit int)
 				return fmt.Errorf("%w: the tenant has %d subscriptions", ErrSubscriptionLimit, n)
 			}
 		}
-		_, err := tx.ExecContext(ctx, store.InsertSubscription,
+		_, err := tx.ExecContext(ctx, store.InsertSubscriptionFull,
 			r.ID, r.Tenant, r.URL, r.EventTypes, r.Secrets, r.Description, r.Metadata,
-			r.Enabled, r.DisabledReason, r.CreatedAt, r.UpdatedAt)
+			r.Enabled, r.DisabledReason, r.CreatedAt, r.UpdatedAt, r.Headers, r.RateLimit)
 		if err != nil {
 			return fmt.Errorf("webhooks: create subscription: %w", err)
 		}
@@ -214,7 +254,7 @@ func (s *Subscriptions) create(ctx context.Context, sub Subscription, limit int)
 
 // Get returns the tenant's subscription id.
 func (s *Subscriptions) Get(ctx context.Context, tenant, id string) (Subscription, error) {
-	return s.get(ctx, s.db, store.SelectSubscription, tenant, id)
+	return s.get(ctx, s.db, store.SelectSubscriptionFull, tenant, id)
 }
 
 func (s *Subscriptions) get(ctx context.Context, q sqlx.QueryerContext, query, tenant, id string) (Subscription, error) {
@@ -236,7 +276,7 @@ func (s *Subscriptions) List(ctx context.Context, tenant string, opts ListOption
 		return SubscriptionPage{}, err
 	}
 	var rows []subscriptionRow
-	if err := sqlx.SelectContext(ctx, s.db, &rows, store.ListSubscriptions, tenant, opts.Cursor, limit+1); err != nil {
+	if err := sqlx.SelectContext(ctx, s.db, &rows, store.ListSubscriptionsFull, tenant, opts.Cursor, limit+1); err != nil {
 		return SubscriptionPage{}, fmt.Errorf("webhooks: list subscriptions: %w", err)
 	}
 	var page SubscriptionPage
@@ -288,6 +328,12 @@ func (s *Subscriptions) Update(ctx context.Context, tenant, id string, u Subscri
 		}
 		if u.Metadata != nil {
 			sub.Metadata = u.Metadata
+		}
+		if u.Headers != nil {
+			sub.Headers = u.Headers
+		}
+		if u.RateLimit != nil {
+			sub.RateLimit = *u.RateLimit
 		}
 		if u.Disabled != nil {
 			sub.Disabled = *u.Disabled
@@ -341,18 +387,23 @@ func (s *Subscriptions) RotateSecret(ctx context.Context, tenant, id, newSecret 
 func (s *Subscriptions) modify(ctx context.Context, tenant, id string, change func(*Subscription) error) (Subscription, error) {
 	var out Subscription
 	err := dbtx.Run(ctx, s.db, s.dialect == DialectSQLite, func(tx dbtx.Tx) error {
-		sub, err := s.get(ctx, tx, s.q.SelectSubscriptionForUpdate, tenant, id)
+		sub, err := s.get(ctx, tx, s.ops.SelectSubscriptionForUpdate, tenant, id)
 		if err != nil {
 			return err
 		}
+		wasDisabled := sub.Disabled
 		if err := change(&sub); err != nil {
 			return err
 		}
+		if wasDisabled && !sub.Disabled {
+			// UpdateSubscriptionFull resets the stored health likewise.
+			sub.ConsecutiveFailures, sub.FailingSince = 0, time.Time{}
+		}
 		sub.UpdatedAt = s.clock.Now().UTC().Truncate(time.Millisecond)
 		r := toRow(&sub)
-		if _, err := tx.ExecContext(ctx, store.UpdateSubscription,
+		if _, err := tx.ExecContext(ctx, store.UpdateSubscriptionFull,
 			r.URL, r.EventTypes, r.Secrets, r.Description, r.Metadata,
-			r.Enabled, r.DisabledReason, r.UpdatedAt, r.Tenant, r.ID); err != nil {
+			r.Enabled, r.DisabledReason, r.Headers, r.RateLimit, r.UpdatedAt, r.Tenant, r.ID); err != nil {
 			return fmt.Errorf("webhooks: update subscription %q: %w", id, err)
 		}
 		out = sub
@@ -384,17 +435,8 @@ func (s *Subscriptions) Delete(ctx context.Context, tenant, id string) error {
 // activeSecrets returns the secrets that sign at time now: the current one
 // first, then those being rotated out that have not expired.
 func activeSecrets(column string, now time.Time) ([]string, error) {
-	var stored []storedSecret
-	if err := json.Unmarshal([]byte(column), &stored); err != nil {
-		return nil, fmt.Errorf("webhooks: stored secrets: %w", err)
-	}
-	out := make([]string, 0, len(stored))
-	for _, s := range stored {
-		if s.ExpiresAt == 0 || s.ExpiresAt > now.UnixMilli() {
-			out = append(out, s.Secret)
-		}
-	}
-	return out, nil
+	active, _, err := activeSecretsUntil(column, now.UnixMilli())
+	return active, err
 }
 
 func toRow(sub *Subscription) *subscriptionRow {
@@ -404,12 +446,17 @@ func toRow(sub *Subscription) *subscriptionRow {
 	if len(sub.Metadata) > 0 {
 		meta, _ = json.Marshal(sub.Metadata)
 	}
+	headers := []byte("{}")
+	if len(sub.Headers) > 0 {
+		headers, _ = json.Marshal(sub.Headers)
+	}
 	return &subscriptionRow{
 		ID: sub.ID, Tenant: sub.Tenant, URL: sub.URL,
 		EventTypes: string(types), Secrets: string(secrets),
 		Description: sub.Description, Metadata: string(meta),
 		Enabled: !sub.Disabled, DisabledReason: sub.DisabledReason,
 		CreatedAt: sub.CreatedAt.UnixMilli(), UpdatedAt: sub.UpdatedAt.UnixMilli(),
+		Headers: string(headers), RateLimit: sub.RateLimit,
 	}
 }
 
@@ -418,6 +465,13 @@ func fromRow(r *subscriptionRow) (Subscription, error) {
 		ID: r.ID, Tenant: r.Tenant, URL: r.URL, Description: r.Description,
 		Disabled: !r.Enabled, DisabledReason: r.DisabledReason,
 		CreatedAt: fromMilli(r.CreatedAt), UpdatedAt: fromMilli(r.UpdatedAt),
+		RateLimit: r.RateLimit, ConsecutiveFailures: r.Failures,
+	}
+	if r.FailingSince.Valid {
+		sub.FailingSince = fromMilli(r.FailingSince.Int64)
+	}
+	if r.LastSuccessAt.Valid {
+		sub.LastSuccessAt = fromMilli(r.LastSuccessAt.Int64)
 	}
 	var secrets []storedSecret
 	if err := json.Unmarshal([]byte(r.EventTypes), &sub.EventTypes); err != nil {
@@ -429,6 +483,9 @@ func fromRow(r *subscriptionRow) (Subscription, error) {
 	sub.Secret, sub.previous = secrets[0].Secret, secrets[1:]
 	if err := json.Unmarshal([]byte(r.Metadata), &sub.Metadata); err != nil {
 		return Subscription{}, fmt.Errorf("webhooks: subscription %q: stored metadata: %w", r.ID, err)
+	}
+	if err := json.Unmarshal([]byte(r.Headers), &sub.Headers); err != nil {
+		return Subscription{}, fmt.Errorf("webhooks: subscription %q: stored headers: %w", r.ID, err)
 	}
 	return sub, nil
 }
@@ -466,6 +523,14 @@ func validateSubscription(sub *Subscription) error {
 			return fmt.Errorf("%w: metadata value of %q must be at most %d bytes of UTF-8", ErrInvalidSubscription, k, MaxMetadataValueBytes)
 		}
 	}
+	if d := checkRateLimit(sub.RateLimit); d != "" {
+		return fmt.Errorf("%w: rate limit %s", ErrInvalidSubscription, d)
+	}
+	headers, problems := canonicalHeaders(sub.Headers)
+	if len(problems) > 0 {
+		return fmt.Errorf("%w: %s", ErrInvalidSubscription, problems[0])
+	}
+	sub.Headers = headers
 	return nil
 }
 
