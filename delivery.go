@@ -243,6 +243,20 @@ func (d *Dispatcher) deliver(ctx context.Context, j *job) result {
 		r.duration = time.Since(begin)
 		return r
 	}
+	if j.Headers != "" && j.Headers != "{}" {
+		// The subscription's static headers go first: the ones below,
+		// which the library owns, override any of the same name (names are
+		// validated and canonical when stored).
+		var static map[string]string
+		if err := json.Unmarshal([]byte(j.Headers), &static); err != nil {
+			r.err, r.errText = err, "invalid stored headers: "+err.Error()
+			r.duration = time.Since(begin)
+			return r
+		}
+		for k, v := range static {
+			req.Header[http.CanonicalHeaderKey(k)] = []string{v}
+		}
+	}
 	ts := now.Unix()
 	req.Header["Content-Type"] = []string{"application/json"}
 	req.Header["User-Agent"] = []string{d.cfg.UserAgent}

@@ -15,119 +15,11 @@ import (
 	"time"
 
 	"github.com/jmoiron/sqlx"
-	"go.opentelemetry.io/otel/metric"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/outboxhook/webhooks/internal/pglisten"
 	"github.com/outboxhook/webhooks/internal/ssrf"
 	"github.com/outboxhook/webhooks/store"
-)
-
-// Defaults of Config.
-const (
-	PollIntervalDefault               = 100 * time.Millisecond
-	BatchSizeDefault                  = 100
-	ConcurrencyDefault                = 32
-	MaxInFlightPerSubscriptionDefault = 8
-	RequestTimeoutDefault             = 15 * time.Second
-	// LeaseMarginDefault is how much longer than RequestTimeout a claim
-	// lasts by default, so a healthy in-flight delivery is never claimed
-	// (and sent) a second time while it runs.
-	LeaseMarginDefault = 30 * time.Second
-	UserAgentDefault   = "outboxhook/1 (+https://github.com/outboxhook/webhooks)"
-	// ResponseExcerptBytes is how much of each response body is recorded.
-	ResponseExcerptBytes = 4 << 10
-)
-
-// Config configures a Dispatcher. The zero value works; zero fields take the
-// …Default constants.
-type Config struct {
-	// Dialect of the database; empty detects it from the driver.
-	Dialect Dialect
-	// PollInterval is how often the dispatcher looks for new events and due
-	// deliveries when it has not been woken by Notify.
-	PollInterval time.Duration
-	// BatchSize is how many events one expansion step reads.
-	BatchSize int
-	// Concurrency bounds the deliveries in flight at once.
-	Concurrency int
-	// MaxInFlightPerSubscription bounds the deliveries in flight to one
-	// subscription, so a slow or dead endpoint cannot take every slot.
-	MaxInFlightPerSubscription int
-	// RequestTimeout bounds one delivery attempt, response body included.
-	RequestTimeout time.Duration
-	// LeaseDuration is how long a claimed delivery stays claimed; if the
-	// dispatcher dies, the delivery becomes due again when it ends. It must
-	// exceed RequestTimeout. Zero means RequestTimeout + LeaseMarginDefault.
-	LeaseDuration time.Duration
-	// RetryPolicy decides when failed attempts are retried. Nil means
-	// ExponentialBackoff{}.
-	RetryPolicy RetryPolicy
-	// UserAgent is sent with every delivery. Empty means UserAgentDefault.
-	UserAgent string
-	// Logger receives the dispatcher's logs. Nil means slog.Default().
-	Logger *slog.Logger
-	// AllowedNetworks lists the otherwise forbidden address ranges the
-	// default HTTP client may connect to. By default it refuses, at dial
-	// time and on the resolved address (so DNS rebinding cannot pass),
-	// loopback, private, link-local (cloud metadata included), CGNAT,
-	// multicast, unspecified and reserved addresses: a tenant's callback URL
-	// must not reach into the service's own network. Add e.g.
-	// netip.MustParsePrefix("127.0.0.0/8") for local receivers in tests, or
-	// your private ranges when webhooks go to internal services.
-	AllowedNetworks []netip.Prefix
-	// HTTPClient sends the deliveries. Nil means a client with a transport
-	// sized for Concurrency that enforces AllowedNetworks and uses no proxy.
-	// A client you provide is used as it is: give its dialer
-	// DialControl(allowed) to keep the protection. Redirects are never
-	// followed (a 3xx answer is a failed attempt), whatever the client's
-	// CheckRedirect says.
-	HTTPClient *http.Client
-	// Clock tells the time for scheduling, leases and signatures. Nil means
-	// the system clock.
-	Clock Clock
-
-	// Retention of delivery history: the cleaner (retention.go).
-
-	// Retention is how long succeeded and canceled deliveries (with their
-	// attempts) and expanded events are kept: a delivery counts from its
-	// last update, an event from its expansion, and an event goes only
-	// once it has no delivery left (pending, delivering and dead deliveries
-	// keep theirs). Zero means RetentionDefault; negative (RetentionForever)
-	// keeps everything and runs no cleaner.
-	Retention time.Duration
-	// DeadRetention is how long dead deliveries (with their attempts) are
-	// kept, counted from their last update. It must not be shorter than
-	// Retention. Zero means DeadRetentionDefault, or Retention when that is
-	// longer; negative (RetentionForever) keeps dead deliveries forever.
-	DeadRetention time.Duration
-	// CleanupInterval is how often the cleaner deletes expired rows. Zero
-	// means CleanupIntervalDefault.
-	CleanupInterval time.Duration
-	// CleanupBatchSize is how many rows the cleaner deletes per
-	// transaction; it pauses between transactions, so deliveries are never
-	// held up long. Zero means CleanupBatchSizeDefault.
-	CleanupBatchSize int
-
-	// Metrics (metrics.go).
-
-	// MeterProvider receives the dispatcher's OpenTelemetry metrics:
-	// attempts by outcome and status class, attempt durations, delivery lag
-	// and the database's pending deliveries (the Metric… constants). Nil
-	// means no-op: nothing is measured.
-	MeterProvider metric.MeterProvider
-}
-
-// Defaults of Config's retention fields.
-const (
-	RetentionDefault        = 30 * 24 * time.Hour
-	DeadRetentionDefault    = 90 * 24 * time.Hour
-	CleanupIntervalDefault  = time.Minute
-	CleanupBatchSizeDefault = 500
-	// RetentionForever, as Config.Retention, keeps all history and turns
-	// the cleaner off; as Config.DeadRetention, it keeps dead deliveries
-	// forever.
-	RetentionForever time.Duration = -1
 )
 
 // Dispatcher delivers published events. It polls the outbox, expands each
@@ -197,53 +89,6 @@ func NewDispatcher(db *sql.DB, cfg Config) (*Dispatcher, error) {
 	return disp, nil
 }
 
-func (c *Config) setDefaults() error {
-	type check struct {
-		bad bool
-		msg string
-	}
-	for _, ch := range []check{
-		{c.PollInterval < 0, "negative PollInterval"},
-		{c.BatchSize < 0, "negative BatchSize"},
-		{c.Concurrency < 0, "negative Concurrency"},
-		{c.MaxInFlightPerSubscription < 0, "negative MaxInFlightPerSubscription"},
-		{c.RequestTimeout < 0, "negative RequestTimeout"},
-		{c.LeaseDuration < 0, "negative LeaseDuration"},
-	} {
-		if ch.bad {
-			return fmt.Errorf("%w: %s", ErrInvalidConfig, ch.msg)
-		}
-	}
-	setDefault(&c.PollInterval, PollIntervalDefault)
-	setDefault(&c.BatchSize, BatchSizeDefault)
-	setDefault(&c.Concurrency, ConcurrencyDefault)
-	setDefault(&c.MaxInFlightPerSubscription, MaxInFlightPerSubscriptionDefault)
-	setDefault(&c.RequestTimeout, RequestTimeoutDefault)
-	setDefault(&c.LeaseDuration, c.RequestTimeout+LeaseMarginDefault)
-	setDefault(&c.UserAgent, UserAgentDefault)
-	if c.LeaseDuration <= c.RequestTimeout {
-		return fmt.Errorf("%w: LeaseDuration %v must exceed RequestTimeout %v, or a delivery still in flight could be sent twice at once",
-			ErrInvalidConfig, c.LeaseDuration, c.RequestTimeout)
-	}
-	if c.RetryPolicy == nil {
-		c.RetryPolicy = ExponentialBackoff{}
-	}
-	if c.Logger == nil {
-		c.Logger = slog.Default()
-	}
-	if err := c.setRetentionDefaults(); err != nil {
-		return err
-	}
-	return nil
-}
-
-func setDefault[T comparable](v *T, def T) {
-	var zero T
-	if *v == zero {
-		*v = def
-	}
-}
-
 // DialControl returns a net.Dialer Control function that refuses connections
 // to loopback, private, link-local, CGNAT, multicast, unspecified and reserved
 // addresses unless they fall in allowed. The dispatcher's default client uses
@@ -299,6 +144,7 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	}
 
 	l := &loop{d: d, ctx: ctx, workCtx: workCtx, perSub: map[string]int{}, behind: map[string]bool{}, perEvent: 1,
+		lim: newLimiter(),
 		results: make(chan result, d.cfg.Concurrency)}
 	return l.run()
 }
@@ -365,6 +211,8 @@ type loop struct {
 
 	backoff    time.Duration // current pause after database errors
 	pauseUntil time.Time     // no database work before then
+
+	lim *limiter // per-subscription rate limits and 429 pauses
 }
 
 // run is the dispatcher's loop. Each round runs at most one write
@@ -437,6 +285,12 @@ func (l *loop) run() error {
 		if wait := time.Until(l.pauseUntil); wait > 0 {
 			resume = time.After(wait)
 		}
+		// A subscription held back by its rate limit or a 429 is looked at
+		// again when it may send.
+		var unthrottled <-chan time.Time
+		if wait := l.lim.wait(d.clock.Now()); wait > 0 && resume == nil {
+			unthrottled = time.After(wait)
+		}
 		select {
 		case <-l.ctx.Done():
 			return l.hardStop()
@@ -449,6 +303,8 @@ func (l *loop) run() error {
 			l.moreEvents, wake = true, true
 		case <-resume:
 			poll = true
+		case <-unthrottled:
+			l.moreDue = true
 		case <-d.stopping:
 		}
 		select {
@@ -469,13 +325,13 @@ func (l *loop) step(free int, claim, expand, probe bool) {
 	d := l.d
 	if probe && len(l.finished) == 0 {
 		var err error
-		claim, expand, err = d.probe(l.ctx, l.perSub, claim, expand)
+		claim, expand, err = d.probe(l.ctx, l.perSub, l.lim, claim, expand)
 		l.check("look for work", err)
 		if err != nil || !claim && !expand {
 			return
 		}
 	}
-	in := stepInput{results: l.finished, free: free, perSub: l.perSub, perEvent: l.perEvent}
+	in := stepInput{results: l.finished, free: free, perSub: l.perSub, perEvent: l.perEvent, limiter: l.lim}
 	if claim {
 		in.claim = free
 		if expand {
@@ -510,6 +366,7 @@ func (l *loop) step(free int, claim, expand, probe bool) {
 	}
 	clear(l.finished)
 	l.finished = l.finished[:0]
+	d.raise(l.ctx, out.ops)
 	if claim {
 		l.moreDue = out.moreDue
 	} else if out.moreDue {
@@ -546,6 +403,7 @@ func (l *loop) start(j *job) {
 
 func (l *loop) finish(r result) {
 	l.inFlight--
+	l.lim.throttle(&r, l.d.clock.Now())
 	if l.behind[r.job.SubscriptionID] {
 		// The last claim skipped the subscription, at its cap then, so it
 		// may have left due deliveries of it behind unseen.

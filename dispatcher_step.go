@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
-	"net/http"
 	"time"
 
 	"github.com/jmoiron/sqlx"
@@ -26,11 +25,14 @@ import (
 type job struct {
 	DeliveryID     string `db:"id"`
 	EventID        string `db:"event_id"`
-	SubscriptionID string `db:"subscription_id"`
-	Attempts       int    `db:"attempts"`
-	URL            string `db:"url"`
-	Secrets        string `db:"secrets"`
-	Payload        string `db:"payload"`
+	SubscriptionID string  `db:"subscription_id"`
+	Tenant         string  `db:"tenant"`
+	Attempts       int     `db:"attempts"`
+	URL            string  `db:"url"`
+	Secrets        string  `db:"secrets"`
+	Headers        string  `db:"headers"`    // JSON object of static headers
+	RateLimit      float64 `db:"rate_limit"` // deliveries/s; 0: none
+	Payload        string  `db:"payload"`
 	claimToken     string
 }
 
@@ -42,6 +44,7 @@ type stepInput struct {
 	claim    int            // claim up to this many due deliveries
 	expand   bool           // expand new events into the remaining slots
 	perEvent float64        // deliveries per event, to size the expansion
+	limiter  *limiter       // rate limits and 429 pauses; nil: none
 }
 
 // stepOutput is what one step did.
@@ -52,12 +55,15 @@ type stepOutput struct {
 	refused    []string // subscriptions whose due deliveries the claim left at their cap
 	events     int      // events expanded
 	deliveries int      // deliveries they made
+	// ops are the operational events the step recorded, to hand to
+	// Config.OnOperationalEvent now that it committed.
+	ops []OperationalEvent
 }
 
 // probe checks, without the write lock, whether there is anything to claim
 // (when claim is set) or expand (when expand is set), so idle polls take no
 // lock.
-func (d *Dispatcher) probe(ctx context.Context, perSub map[string]int, claim, expand bool) (bool, bool, error) {
+func (d *Dispatcher) probe(ctx context.Context, perSub map[string]int, lim *limiter, claim, expand bool) (bool, bool, error) {
 	if expand {
 		var ids []string
 		if err := sqlx.SelectContext(ctx, d.db, &ids, store.ProbeUnexpanded); err != nil {
@@ -66,7 +72,7 @@ func (d *Dispatcher) probe(ctx context.Context, perSub map[string]int, claim, ex
 		expand = len(ids) > 0
 	}
 	if claim {
-		skip, now := d.skipJSON(perSub), d.clock.Now().UnixMilli()
+		skip, now := d.skipJSON(perSub, lim, d.clock.Now()), d.clock.Now().UnixMilli()
 		found := false
 		for _, q := range []string{d.q.SelectDueFirst, d.q.SelectDueRetry} {
 			var due []*job
@@ -102,13 +108,15 @@ func (d *Dispatcher) step(ctx context.Context, in stepInput) (stepOutput, error)
 	err = d.inTx(ctx, func(tx dbtx.Tx) error {
 		out = stepOutput{}
 		if len(in.results) > 0 {
-			if err := d.record(ctx, tx, in.results, rec, now); err != nil {
+			ops, err := d.record(ctx, tx, in.results, rec, now)
+			if err != nil {
 				return err
 			}
+			out.ops = ops
 		}
 		taken := map[string]int{}
 		if in.claim > 0 {
-			jobs, more, err := d.claim(ctx, tx, in.claim, in.perSub, taken, token, now, &out.refused)
+			jobs, more, err := d.claim(ctx, tx, &in, taken, token, now, &out.refused)
 			if err != nil {
 				return err
 			}
@@ -125,6 +133,9 @@ func (d *Dispatcher) step(ctx context.Context, in stepInput) (stepOutput, error)
 	})
 	if err != nil {
 		return stepOutput{}, err
+	}
+	for i := range in.results {
+		d.metrics.attempt(&in.results[i], rec.outcomes[i], now)
 	}
 	return out, nil
 }
@@ -157,10 +168,13 @@ func (d *Dispatcher) expand(ctx context.Context, tx dbtx.Tx, in stepInput, free 
 		return nil
 	}
 	type subRow struct {
-		ID         string `db:"id"`
-		EventTypes string `db:"event_types"`
-		URL        string `db:"url"`
-		Secrets    string `db:"secrets"`
+		ID         string  `db:"id"`
+		EventTypes string  `db:"event_types"`
+		URL        string  `db:"url"`
+		Secrets    string  `db:"secrets"`
+		Headers    string  `db:"headers"`
+		RateLimit  float64 `db:"rate_limit"`
+		Enabled    bool    `db:"enabled"`
 		patterns   []string
 	}
 	type deliveryRow struct {
@@ -202,13 +216,19 @@ func (d *Dispatcher) expand(ctx context.Context, tx dbtx.Tx, in stepInput, free 
 			}
 			row := deliveryRow{ID: id, EventID: e.ID, SubscriptionID: s.ID, Tenant: e.Tenant,
 				State: string(DeliveryPending), NextAt: now.UnixMilli(), At: now.UnixMilli()}
-			if free > 0 && in.perSub[s.ID]+taken[s.ID] < d.cfg.MaxInFlightPerSubscription {
+			j := &job{DeliveryID: id, EventID: e.ID, SubscriptionID: s.ID, Tenant: e.Tenant,
+				URL: s.URL, Secrets: s.Secrets, Headers: s.Headers, RateLimit: s.RateLimit,
+				Payload: e.Payload, claimToken: token}
+			switch {
+			case !s.Enabled:
+				// Paused: it waits, pending, until the subscription is
+				// enabled again.
+			case free > 0 && d.admit(&in, j, taken, now):
 				free--
 				taken[s.ID]++
 				row.State, row.NextAt, row.ClaimToken = string(DeliveryDelivering), lease, &token
-				claimed[id] = &job{DeliveryID: id, EventID: e.ID, SubscriptionID: s.ID,
-					URL: s.URL, Secrets: s.Secrets, Payload: e.Payload, claimToken: token}
-			} else {
+				claimed[id] = j
+			default:
 				out.moreDue = true
 			}
 			rows = append(rows, row)
@@ -246,14 +266,14 @@ func (d *Dispatcher) expand(ctx context.Context, tx dbtx.Tx, in stepInput, free 
 	return nil
 }
 
-// claim leases up to limit due deliveries, at most MaxInFlightPerSubscription
-// per subscription counting those in flight (perSub) and those this step
-// took (taken), sharing the slots between first attempts and retries so
+// claim leases up to in.claim due deliveries that d.admit lets start (at
+// most MaxInFlightPerSubscription per subscription counting those in
+// flight and those this step took, within their rate limits), sharing the slots between first attempts and retries so
 // neither starves the other. more reports that due work was left behind.
-func (d *Dispatcher) claim(ctx context.Context, tx dbtx.Tx, limit int, perSub, taken map[string]int,
+func (d *Dispatcher) claim(ctx context.Context, tx dbtx.Tx, in *stepInput, taken map[string]int,
 	token string, now time.Time, refused *[]string) (jobs []*job, more bool, err error) {
-	capPer := d.cfg.MaxInFlightPerSubscription
-	skip := d.skipJSON(perSub)
+	limit := in.claim
+	skip := d.skipJSON(in.perSub, in.limiter, now)
 	var first, retry []*job
 	if err := sqlx.SelectContext(ctx, tx, &first, d.q.SelectDueFirst, now.UnixMilli(), skip, limit); err != nil {
 		return nil, false, fmt.Errorf("select due deliveries: %w", err)
@@ -262,7 +282,7 @@ func (d *Dispatcher) claim(ctx context.Context, tx dbtx.Tx, limit int, perSub, t
 		return nil, false, fmt.Errorf("select due retries: %w", err)
 	}
 	take := func(j *job) {
-		if perSub[j.SubscriptionID]+taken[j.SubscriptionID] < capPer {
+		if d.admit(in, j, taken, now) {
 			taken[j.SubscriptionID]++
 			j.claimToken = token
 			jobs = append(jobs, j)
@@ -302,10 +322,10 @@ func (d *Dispatcher) claim(ctx context.Context, tx dbtx.Tx, limit int, perSub, t
 	return jobs, more, nil
 }
 
-// skipJSON lists the subscriptions at their in-flight cap, which claims
-// skip.
-func (d *Dispatcher) skipJSON(perSub map[string]int) string {
-	ids := make([]string, 0, len(perSub))
+// skipJSON lists the subscriptions at their in-flight cap or held back by
+// their limiter, which claims skip.
+func (d *Dispatcher) skipJSON(perSub map[string]int, lim *limiter, now time.Time) string {
+	ids := append(make([]string, 0, len(perSub)), lim.blocked(now)...)
 	for s, n := range perSub {
 		if n >= d.cfg.MaxInFlightPerSubscription {
 			ids = append(ids, s)
@@ -316,8 +336,10 @@ func (d *Dispatcher) skipJSON(perSub map[string]int) string {
 
 // recordBatch is the encoded outcome of finished attempts.
 type recordBatch struct {
-	deliveries string // RecordDeliveries' parameter
-	attempts   string // InsertAttempts' parameter
+	outcomes   []outcome // per result
+	deliveries string    // RecordDeliveries' parameter
+	attempts   string    // InsertAttempts' parameter
+	health     string    // RecordHealth's parameter
 }
 
 // recordBatch decides each finished attempt's consequence and encodes the
@@ -342,12 +364,13 @@ func (d *Dispatcher) recordBatch(results []result, now time.Time) (recordBatch, 
 		Error        string `json:"error"`
 		ResponseBody string `json:"response_body"`
 	}
+	b := recordBatch{outcomes: make([]outcome, len(results))}
 	deliveries := make([]deliveryRow, len(results))
 	attempts := make([]attemptRow, len(results))
 	for i := range results {
 		r := &results[i]
 		o := d.outcome(r, now)
-		d.metrics.attempt(r, o, now)
+		b.outcomes[i] = o
 		deliveries[i] = deliveryRow{ID: r.job.DeliveryID, ClaimToken: r.job.claimToken, State: string(o.state),
 			NextAt: o.nextAt, LastStatus: r.status, LastError: r.errText, At: now.UnixMilli()}
 		if o.deliveredAt.Valid {
@@ -365,43 +388,51 @@ func (d *Dispatcher) recordBatch(results []result, now time.Time) (recordBatch, 
 	if err != nil {
 		return recordBatch{}, fmt.Errorf("encode attempts: %w", err)
 	}
-	return recordBatch{deliveries: string(dj), attempts: string(aj)}, nil
+	if b.health, err = healthJSON(results, b.outcomes); err != nil {
+		return recordBatch{}, err
+	}
+	b.deliveries, b.attempts = string(dj), string(aj)
+	return b, nil
 }
 
 // record stores the outcome of finished attempts: the attempt rows, each
-// delivery's new state, and subscriptions disabled by 410 Gone.
-func (d *Dispatcher) record(ctx context.Context, tx dbtx.Tx, results []result, b recordBatch, now time.Time) error {
+// delivery's new state, the health of their subscriptions and the
+// subscriptions disabled (by 410 Gone or by failing too long). It returns
+// the operational events to raise once the transaction commits.
+func (d *Dispatcher) record(ctx context.Context, tx dbtx.Tx, results []result, b recordBatch, now time.Time) ([]OperationalEvent, error) {
 	res, err := tx.ExecContext(ctx, d.q.RecordDeliveries, b.deliveries)
 	if err != nil {
-		return fmt.Errorf("update deliveries: %w", err)
+		return nil, fmt.Errorf("update deliveries: %w", err)
 	}
+	var lost map[string]bool
 	if n, err := res.RowsAffected(); err != nil {
-		return fmt.Errorf("update deliveries: %w", err)
+		return nil, fmt.Errorf("update deliveries: %w", err)
 	} else if n < int64(len(results)) {
-		d.warnLostClaims(ctx, tx, results)
+		lost = d.lostClaims(ctx, tx, results)
 	}
 	if _, err := tx.ExecContext(ctx, d.q.InsertAttempts, b.attempts); err != nil {
-		return fmt.Errorf("insert attempts: %w", err)
+		return nil, fmt.Errorf("insert attempts: %w", err)
 	}
-	for i := range results {
-		r := &results[i]
-		if r.status != http.StatusGone {
-			continue
-		}
-		reason := fmt.Sprintf("endpoint answered 410 Gone at %s", r.started.UTC().Format(time.RFC3339))
-		if _, err := tx.ExecContext(ctx, store.DisableSubscription, reason, now.UnixMilli(), r.job.SubscriptionID); err != nil {
-			return fmt.Errorf("disable subscription %s: %w", r.job.SubscriptionID, err)
-		}
-		d.log.Warn("webhooks: subscription disabled: endpoint answered 410 Gone",
-			slog.String("subscription", r.job.SubscriptionID))
+	if _, err := tx.ExecContext(ctx, d.q.RecordHealth, b.health); err != nil {
+		return nil, fmt.Errorf("record subscription health: %w", err)
 	}
-	return nil
+	ops := d.deliveryEvents(results, b.outcomes, lost, now)
+	disabled, err := d.disableFailing(ctx, tx, results, now)
+	if err != nil {
+		return nil, err
+	}
+	ops = append(ops, disabled...)
+	if err := d.publishOperational(ctx, tx, ops); err != nil {
+		return nil, err
+	}
+	return ops, nil
 }
 
-// warnLostClaims logs the finished attempts whose delivery was claimed
-// again (its lease lapsed) or canceled while in flight: their attempts are
-// recorded, but the delivery's state was left as it was.
-func (d *Dispatcher) warnLostClaims(ctx context.Context, tx dbtx.Tx, results []result) {
+// lostClaims returns (and logs) the finished attempts whose delivery was
+// claimed again (its lease lapsed) or canceled while in flight: their
+// attempts are recorded, but the delivery's state was left as it was.
+func (d *Dispatcher) lostClaims(ctx context.Context, tx dbtx.Tx, results []result) map[string]bool {
+	lost := map[string]bool{}
 	for i := range results {
 		j := results[i].job
 		var token sql.NullString
@@ -409,9 +440,11 @@ func (d *Dispatcher) warnLostClaims(ctx context.Context, tx dbtx.Tx, results []r
 		if err == nil && token.Valid && token.String == j.claimToken {
 			continue // it was recorded
 		}
+		lost[j.DeliveryID] = true
 		d.log.Warn("webhooks: delivery was claimed again or canceled while in flight; attempt recorded, state left as is",
 			slog.String("delivery", j.DeliveryID))
 	}
+	return lost
 }
 
 func (d *Dispatcher) inTx(ctx context.Context, fn func(tx dbtx.Tx) error) error {

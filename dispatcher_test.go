@@ -85,8 +85,13 @@ func TestCommitDeliversToExactlyTheMatchingSubscriptions(t *testing.T) {
 				t.Errorf("%s subscription received %d requests, want exactly 1", name, n)
 			}
 		}
-		if n := countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries`); n != 3 {
-			t.Fatalf("%d deliveries, want 3 (rollback must add none)", n)
+		// Three sent, and one paused for the disabled subscription: it goes
+		// out if the subscription is enabled again.
+		if n := countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries`); n != 4 {
+			t.Fatalf("%d deliveries, want 4 (rollback must add none)", n)
+		}
+		if n := countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries WHERE subscription_id = $1 AND state = 'pending' AND attempts = 0`, off.ID); n != 1 {
+			t.Fatalf("%d paused deliveries for the disabled subscription, want 1", n)
 		}
 		if n := countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'succeeded' AND attempts = 1 AND delivered_at IS NOT NULL`); n != 3 {
 			t.Fatalf("%d succeeded deliveries, want 3", n)

@@ -108,6 +108,17 @@ type Queries struct {
 	// of objects with the keys delivery_id, attempt, started_at,
 	// duration_ms, status_code, error and response_body.
 	InsertAttempts string
+	// RecordHealth updates the health of the subscriptions of a batch of
+	// finished attempts: $1 JSON array of objects with the keys id,
+	// ok_at (the last success in the batch, or null), failed (failures
+	// after it) and fail_at (the first of those, or null). A subscription
+	// that stays healthy is rewritten at most once a minute.
+	RecordHealth string
+	// AutoDisable disables the subscriptions, among those named, that have
+	// failed without a success since before a time: $1 reason, $2 now,
+	// $3 failing since at most, $4 minimum consecutive failures, $5 JSON
+	// array of subscription IDs. Returns id, tenant of each one disabled.
+	AutoDisable string
 	// SelectDueFirst and SelectDueRetry return due deliveries, first attempts
 	// and retries respectively: $1 now, $2 JSON array of subscription IDs to
 	// skip, $3 limit.
@@ -139,6 +150,8 @@ func (d Dialect) Queries() (Queries, error) {
 			MarkExpandedBatch:           fmt.Sprintf(markExpandedBatch, fmt.Sprintf(jsonArraySQLite, "$2")),
 			RecordDeliveries:            fmt.Sprintf(recordDeliveries, fmt.Sprintf(jsonRowsSQLite, recordFieldsSQLite)),
 			InsertAttempts:              fmt.Sprintf(insertAttempts, fmt.Sprintf(jsonRowsSQLite, attemptFieldsSQLite)),
+			RecordHealth:                fmt.Sprintf(recordHealth, fmt.Sprintf(jsonRowsSQLite, healthFieldsSQLite)),
+			AutoDisable:                 fmt.Sprintf(autoDisable, fmt.Sprintf(jsonArraySQLite, "$5")),
 			SelectDueFirst:              fmt.Sprintf(selectDueSQLite, "= 0"),
 			SelectDueRetry:              fmt.Sprintf(selectDueSQLite, "> 0"),
 			ClaimDeliveries:             fmt.Sprintf(claimDeliveries, fmt.Sprintf(jsonArraySQLite, "$4")),
@@ -152,9 +165,11 @@ func (d Dialect) Queries() (Queries, error) {
 			LockMigrations:              `SELECT pg_advisory_xact_lock(7316101326475121)`,
 			SelectUnexpanded:            selectUnexpanded + "\nFOR UPDATE SKIP LOCKED",
 			InsertDeliveries:            fmt.Sprintf(insertDeliveries, fmt.Sprintf(jsonRowsPostgres, deliveryFieldsPostgres)),
-			MarkExpandedBatch:           fmt.Sprintf(markExpandedBatch, `SELECT CAST(jsonb_array_elements_text(CAST($2 AS jsonb)) AS bigint)`),
+			MarkExpandedBatch:           markExpandedBatchPostgres,
 			RecordDeliveries:            fmt.Sprintf(recordDeliveries, fmt.Sprintf(jsonRowsPostgres, recordFieldsPostgres)),
 			InsertAttempts:              fmt.Sprintf(insertAttempts, fmt.Sprintf(jsonRowsPostgres, attemptFieldsPostgres)),
+			RecordHealth:                fmt.Sprintf(recordHealth, fmt.Sprintf(jsonRowsPostgres, healthFieldsPostgres)),
+			AutoDisable:                 fmt.Sprintf(autoDisable, fmt.Sprintf(jsonArrayPostgres, "$5")),
 			SelectDueFirst:              fmt.Sprintf(selectDue, "= 0", skip) + "\nFOR UPDATE OF d SKIP LOCKED",
 			SelectDueRetry:              fmt.Sprintf(selectDue, "> 0", skip) + "\nFOR UPDATE OF d SKIP LOCKED",
 			ClaimDeliveries:             fmt.Sprintf(claimDeliveries, fmt.Sprintf(jsonArrayPostgres, "$4")),
@@ -168,7 +183,13 @@ func (d Dialect) Queries() (Queries, error) {
 
 // jsonArrayPostgres expands a JSON array parameter into a one-column row
 // set.
-const jsonArrayPostgres = `SELECT jsonb_array_elements_text(CAST(%s AS jsonb))`
+//
+// The array is built once (ARRAY(...) is an init plan) and unnested, so a
+// plan that probes the list once per candidate row never parses the JSON
+// again: with jsonb_array_elements_text directly in the IN list, PostgreSQL
+// re-reads the array for every row it considers, which made marking a batch
+// of events expanded cost 143 ms instead of 1.5 ms on a table with history.
+const jsonArrayPostgres = `SELECT unnest(ARRAY(SELECT jsonb_array_elements_text(CAST(%s AS jsonb))))`
 
 // jsonArraySQLite expands a JSON array parameter into a one-column row set.
 const jsonArraySQLite = `SELECT value FROM json_each(%s)`
@@ -178,8 +199,8 @@ WHERE expanded_at IS NULL ORDER BY seq LIMIT $1`
 
 // selectDue's first verb is the attempts condition (it selects the partial
 // index), the second the JSON array expansion.
-const selectDue = `SELECT d.id, d.event_id, d.subscription_id, d.attempts,
-       s.url, s.secrets, e.payload
+const selectDue = `SELECT d.id, d.event_id, d.subscription_id, d.tenant, d.attempts,
+       s.url, s.secrets, s.headers, s.rate_limit, e.payload
 FROM webhook_deliveries d
 JOIN webhook_subscriptions s ON s.id = d.subscription_id
 JOIN webhook_outbox e ON e.id = d.event_id
@@ -208,8 +229,8 @@ due AS (SELECT x.rowid AS rid, x.next_at AS next_at
               AND y.attempts %[1]s AND y.next_at <= p.now_ms
             ORDER BY y.next_at, y.state, y.attempts LIMIT $3)
         ORDER BY x.next_at, x.rowid LIMIT $3)
-SELECT d.id, d.event_id, d.subscription_id, d.attempts,
-       s.url, s.secrets, e.payload
+SELECT d.id, d.event_id, d.subscription_id, d.tenant, d.attempts,
+       s.url, s.secrets, s.headers, s.rate_limit, e.payload
 FROM due CROSS JOIN webhook_deliveries d ON d.rowid = due.rid
 JOIN webhook_subscriptions s ON s.id = d.subscription_id
 JOIN webhook_outbox e ON e.id = d.event_id
@@ -257,6 +278,12 @@ ON CONFLICT (event_id, subscription_id) DO NOTHING`
 const markExpandedBatch = `UPDATE webhook_outbox SET expanded_at = $1
 WHERE seq IN (%s) AND expanded_at IS NULL`
 
+// markExpandedBatchPostgres looks the events up by key from an array built
+// once (see jsonArrayPostgres).
+const markExpandedBatchPostgres = `UPDATE webhook_outbox SET expanded_at = $1
+WHERE seq = ANY (ARRAY(SELECT CAST(jsonb_array_elements_text(CAST($2 AS jsonb)) AS bigint)))
+  AND expanded_at IS NULL`
+
 const recordDeliveries = `UPDATE webhook_deliveries
 SET state = r.state, attempts = webhook_deliveries.attempts + 1, next_at = r.next_at,
     claim_token = NULL, last_status = r.last_status, last_error = r.last_error,
@@ -270,6 +297,35 @@ const insertAttempts = `INSERT INTO webhook_attempts
 SELECT delivery_id, attempt, started_at, duration_ms, status_code, error, response_body
 FROM (%s) AS r`
 
+const (
+	healthFieldsSQLite = `value->>'id' AS id, value->>'ok_at' AS ok_at,
+       value->>'failed' AS failed, value->>'fail_at' AS fail_at`
+	healthFieldsPostgres = `id text, ok_at bigint, failed integer, fail_at bigint`
+)
+
+// recordHealth's verb is the row set. A batch with a success starts the
+// count over from the failures after it.
+const recordHealth = `UPDATE webhook_subscriptions
+SET consecutive_failures = CASE WHEN r.ok_at IS NULL
+        THEN webhook_subscriptions.consecutive_failures + r.failed ELSE r.failed END,
+    failing_since = CASE WHEN r.failed = 0 THEN NULL
+        WHEN r.ok_at IS NULL THEN COALESCE(webhook_subscriptions.failing_since, r.fail_at)
+        ELSE r.fail_at END,
+    last_success_at = COALESCE(r.ok_at, webhook_subscriptions.last_success_at)
+FROM (%s) AS r
+WHERE webhook_subscriptions.id = r.id
+  AND (r.failed > 0 OR webhook_subscriptions.consecutive_failures <> 0
+       OR webhook_subscriptions.failing_since IS NOT NULL
+       OR webhook_subscriptions.last_success_at IS NULL
+       OR webhook_subscriptions.last_success_at < r.ok_at - 60000)`
+
+// autoDisable's verb is the ID array ($5).
+const autoDisable = `UPDATE webhook_subscriptions
+SET enabled = FALSE, disabled_reason = $1, updated_at = $2
+WHERE enabled = TRUE AND failing_since IS NOT NULL AND failing_since <= $3
+  AND consecutive_failures >= $4 AND id IN (%s)
+RETURNING id, tenant`
+
 const claimDeliveries = `UPDATE webhook_deliveries
 SET state = 'delivering', next_at = $1, claim_token = $2, updated_at = $3
 WHERE id IN (%s)`
@@ -278,9 +334,11 @@ WHERE id IN (%s)`
 const (
 	// SelectTenantSubscriptions: $1 tenant. The enabled subscriptions an
 	// event of that tenant may reach.
-	// Returns id, event_types, url, secrets.
-	SelectTenantSubscriptions = `SELECT id, event_types, url, secrets FROM webhook_subscriptions
-WHERE tenant = $1 AND enabled = TRUE`
+	// Returns id, event_types, url, secrets, headers, rate_limit, enabled:
+	// disabled subscriptions too, whose deliveries wait (paused) until
+	// they are enabled again.
+	SelectTenantSubscriptions = `SELECT id, event_types, url, secrets, headers, rate_limit, enabled
+FROM webhook_subscriptions WHERE tenant = $1`
 
 	// InsertDelivery: $1 id, $2 event_id, $3 subscription_id, $4 tenant,
 	// $5 next_at, $6 created_at, $7 updated_at. A second expansion of the
@@ -299,7 +357,8 @@ ON CONFLICT (event_id, subscription_id) DO NOTHING`
 
 	// DisableSubscription: $1 reason, $2 updated_at, $3 id.
 	DisableSubscription = `UPDATE webhook_subscriptions
-SET enabled = FALSE, disabled_reason = $1, updated_at = $2 WHERE id = $3`
+SET enabled = FALSE, disabled_reason = $1, updated_at = $2 WHERE id = $3 AND enabled = TRUE
+RETURNING tenant`
 )
 
 // Subscription statements.

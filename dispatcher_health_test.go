@@ -1,0 +1,313 @@
+package webhooks
+
+import (
+	"context"
+	"database/sql"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// opRecorder collects operational events from Config.OnOperationalEvent.
+type opRecorder struct {
+	mu  sync.Mutex
+	ops []OperationalEvent
+	ch  chan OperationalEvent
+}
+
+func newOpRecorder() *opRecorder { return &opRecorder{ch: make(chan OperationalEvent, 1000)} }
+
+func (o *opRecorder) hook(_ context.Context, e OperationalEvent) {
+	o.mu.Lock()
+	o.ops = append(o.ops, e)
+	o.mu.Unlock()
+	o.ch <- e
+}
+
+// waitFor returns the first event of type typ, failing after a generous
+// deadline (a hang guard).
+func (o *opRecorder) waitFor(t *testing.T, typ OperationalEventType) OperationalEvent {
+	t.Helper()
+	deadline := time.After(60 * time.Second)
+	for {
+		select {
+		case e := <-o.ch:
+			if e.Type == typ {
+				return e
+			}
+		case <-deadline:
+			t.Fatalf("no %s operational event", typ)
+		}
+	}
+}
+
+func (o *opRecorder) count(typ OperationalEventType) int {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	n := 0
+	for _, e := range o.ops {
+		if e.Type == typ {
+			n++
+		}
+	}
+	return n
+}
+
+func TestHealthIsTrackedAndResetBySuccess(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, openTestDB func(testing.TB) *sql.DB) {
+		ctx := context.Background()
+		db := openTestDB(t)
+		clock := newFakeClock()
+		subs := newTestSubscriptions(t, db, clock)
+		healthy, third := make(chan struct{}), make(chan struct{})
+		rc := newReceiver(t, func(n int, _ http.ResponseWriter, _ *http.Request) int {
+			if n <= 2 {
+				return http.StatusInternalServerError
+			}
+			if n == 3 {
+				close(third)
+			}
+			<-healthy
+			return http.StatusOK
+		})
+		rc.ignoreTimestamps()
+		sub := mustSubscribe(t, subs, rc, "acme", "*")
+		ops := newOpRecorder()
+		startDispatcher(t, db, Config{Clock: clock, RetryPolicy: immediateRetry{max: 10},
+			FailingAfterAttempts: 2, OnOperationalEvent: ops.hook})
+		began := clock.Now()
+		publishTx(t, db, Event{Type: "a.b", Tenant: "acme"})
+
+		failing := ops.waitFor(t, OpDeliveryFailing)
+		if failing.Attempts != 2 || failing.SubscriptionID != sub.ID || failing.Tenant != "acme" || failing.StatusCode != 500 || failing.DeliveryID == "" {
+			t.Fatalf("delivery.failing event %+v", failing)
+		}
+		rc.wait(2)
+		<-third // held until healthy is closed; both failures are recorded by now
+		waitUntil(t, "two recorded failures", func() bool {
+			return countRows(t, db, `SELECT COUNT(*) FROM webhook_attempts`) == 2
+		})
+		got, err := subs.Get(ctx, "acme", sub.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.ConsecutiveFailures != 2 || !got.FailingSince.Equal(began.Truncate(time.Millisecond)) || !got.LastSuccessAt.IsZero() {
+			t.Fatalf("while failing: failures %d since %v (want %v), last success %v",
+				got.ConsecutiveFailures, got.FailingSince, began, got.LastSuccessAt)
+		}
+		close(healthy)
+		waitUntil(t, "a recorded success", func() bool {
+			got, err = subs.Get(ctx, "acme", sub.ID)
+			return err == nil && !got.LastSuccessAt.IsZero()
+		})
+		if got.ConsecutiveFailures != 0 || !got.FailingSince.IsZero() || got.Disabled {
+			t.Fatalf("after a success: failures %d since %v, enabled %v", got.ConsecutiveFailures, got.FailingSince, !got.Disabled)
+		}
+		if n := ops.count(OpDeliveryFailing); n != 1 {
+			t.Fatalf("%d delivery.failing events, want 1", n)
+		}
+	})
+}
+
+// A subscription that fails without a success for DisableAfter is
+// disabled; its deliveries, and those of events published meanwhile, wait
+// and go out when it is enabled again.
+func TestFailingSubscriptionIsDisabledAndItsDeliveriesPaused(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, openTestDB func(testing.TB) *sql.DB) {
+		ctx := context.Background()
+		db := openTestDB(t)
+		clock := newFakeClock()
+		subs := newTestSubscriptions(t, db, clock)
+		var ok atomic.Bool
+		rc := newReceiver(t, func(int, http.ResponseWriter, *http.Request) int {
+			if ok.Load() {
+				return http.StatusOK
+			}
+			return http.StatusServiceUnavailable
+		})
+		rc.ignoreTimestamps()
+		sub := mustSubscribe(t, subs, rc, "acme", "*")
+		ops := newOpRecorder()
+		// Retries every hour of the fake clock; the test moves it.
+		_, stop := startDispatcher(t, db, Config{Clock: clock, RetryPolicy: hourlyRetry{},
+			DisableAfter: 5 * time.Hour, DisableMinFailures: 3, OnOperationalEvent: ops.hook})
+		first := publishTx(t, db, Event{Type: "a.b", Tenant: "acme"})[0]
+		rc.wait(1)
+		for i := 0; i < 5; i++ { // 5 more attempts an hour apart: failing for 5h
+			waitUntil(t, "the attempt recorded", func() bool {
+				return countRows(t, db, `SELECT COUNT(*) FROM webhook_attempts`) == i+1
+			})
+			clock.Advance(time.Hour)
+			rc.wait(1)
+		}
+		dis := ops.waitFor(t, OpSubscriptionDisabled)
+		if dis.SubscriptionID != sub.ID || dis.Tenant != "acme" || !strings.Contains(dis.Error, "without a success") {
+			t.Fatalf("subscription.disabled event %+v", dis)
+		}
+		got, err := subs.Get(ctx, "acme", sub.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !got.Disabled || got.DisabledReason != dis.Error || got.ConsecutiveFailures < 3 {
+			t.Fatalf("after auto-disable: enabled %v reason %q failures %d", !got.Disabled, got.DisabledReason, got.ConsecutiveFailures)
+		}
+		// Paused: the failing delivery and a new event's wait.
+		second := publishTx(t, db, Event{Type: "a.c", Tenant: "acme"})[0]
+		waitUntil(t, "two paused deliveries", func() bool {
+			return countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'pending'`) == 2
+		})
+		clock.Advance(2 * time.Hour) // both due now, yet none goes out
+		before := rc.count()
+		stop()
+		if n := rc.count(); n != before {
+			t.Fatalf("a disabled subscription received %d requests", n-before)
+		}
+		// Enabled again (and healthy): both go out.
+		ok.Store(true)
+		no := false
+		if _, err := subs.Update(ctx, "acme", sub.ID, SubscriptionUpdate{Disabled: &no}); err != nil {
+			t.Fatal(err)
+		}
+		startDispatcher(t, db, Config{Clock: clock, RetryPolicy: hourlyRetry{}, DisableAfter: 5 * time.Hour, DisableMinFailures: 3})
+		ids := map[string]bool{}
+		for _, r := range rc.wait(2) {
+			ids[r.ID] = true
+		}
+		if !ids[first] || !ids[second] {
+			t.Fatalf("after re-enabling got %v, want %s and %s", ids, first, second)
+		}
+	})
+}
+
+// hourlyRetry retries every failure an hour later, forever.
+type hourlyRetry struct{}
+
+func (hourlyRetry) NextAttempt(FailedAttempt) (time.Duration, bool) { return time.Hour, true }
+
+func TestOperationalEventsArePublishedToTheOperatorsSubscriptions(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, openTestDB func(testing.TB) *sql.DB) {
+		db := openTestDB(t)
+		subs := newTestSubscriptions(t, db, nil)
+		broken := newReceiver(t, func(int, http.ResponseWriter, *http.Request) int { return http.StatusBadGateway })
+		brokenSub := mustSubscribe(t, subs, broken, "acme", "*")
+		operator := newReceiver(t, nil)
+		mustSubscribe(t, subs, operator, "ops", "delivery.*", "subscription.*")
+		startDispatcher(t, db, Config{RetryPolicy: immediateRetry{max: 1}, PublishOperationalEvents: true, OperationalTenant: "ops"})
+		evt := publishTx(t, db, Event{Type: "order.placed", Tenant: "acme"})[0]
+		got := operator.wait(1)[0]
+		body := string(got.Body)
+		for _, want := range []string{`"type":"delivery.exhausted"`, `"subscriptionId":"` + brokenSub.ID + `"`, `"eventId":"` + evt + `"`, `"tenant":"acme"`} {
+			if !strings.Contains(body, want) {
+				t.Fatalf("operational event body %s lacks %s", body, want)
+			}
+		}
+	})
+}
+
+// A rate-limited subscription gets at most its rate; another one of the
+// same tenant is not held back (it is the witness that the dispatcher kept
+// working while the limited one waited).
+func TestRateLimitHoldsBackOnlyThatSubscription(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, openTestDB func(testing.TB) *sql.DB) {
+		ctx := context.Background()
+		db := openTestDB(t)
+		clock := newFakeClock()
+		subs := newTestSubscriptions(t, db, clock)
+		limited, free := newReceiver(t, nil), newReceiver(t, nil)
+		limited.ignoreTimestamps()
+		free.ignoreTimestamps()
+		ls, err := subs.Create(ctx, Subscription{Tenant: "acme", URL: limited.URL(), EventTypes: []string{"*"}, RateLimit: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		limited.setSecrets(ls.Secret)
+		mustSubscribe(t, subs, free, "acme", "*")
+		startDispatcher(t, db, Config{Clock: clock})
+		for i := 0; i < 5; i++ {
+			publishTx(t, db, Event{Type: "a.b", Tenant: "acme"})
+		}
+		free.wait(5)
+		limited.wait(1) // the bucket's one token
+		publishTx(t, db, Event{Type: "a.c", Tenant: "acme"})
+		free.wait(1) // later work went on: the limited one has had time
+		if n := limited.count(); n != 1 {
+			t.Fatalf("limited subscription received %d requests at 1/s with the clock stopped", n)
+		}
+		clock.Advance(3 * time.Second) // the bucket holds at most one second's worth
+		limited.wait(1)
+		publishTx(t, db, Event{Type: "a.d", Tenant: "acme"})
+		free.wait(1)
+		if n := limited.count(); n != 2 {
+			t.Fatalf("limited subscription received %d requests, want 2", n)
+		}
+		clock.Advance(10 * time.Second)
+		limited.wait(1)
+	})
+}
+
+// A 429 holds back only its subscription, until its Retry-After.
+func TestTooManyRequestsSlowsOnlyThatSubscription(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, openTestDB func(testing.TB) *sql.DB) {
+		db := openTestDB(t)
+		clock := newFakeClock()
+		subs := newTestSubscriptions(t, db, clock)
+		busy := newReceiver(t, func(n int, w http.ResponseWriter, _ *http.Request) int {
+			if n == 1 {
+				w.Header().Set("Retry-After", "30")
+				return http.StatusTooManyRequests
+			}
+			return http.StatusOK
+		})
+		other := newReceiver(t, nil)
+		busy.ignoreTimestamps()
+		other.ignoreTimestamps()
+		mustSubscribe(t, subs, busy, "acme", "*")
+		mustSubscribe(t, subs, other, "acme", "*")
+		startDispatcher(t, db, Config{Clock: clock})
+		publishTx(t, db, Event{Type: "a.b", Tenant: "acme"})
+		busy.wait(1)
+		other.wait(1)
+		// Once the 429 is recorded the dispatcher has seen it (deliveries
+		// it admitted before that could still go out).
+		waitUntil(t, "the 429 recorded", func() bool {
+			return countRows(t, db, `SELECT COUNT(*) FROM webhook_attempts WHERE status_code = 429`) == 1
+		})
+		for i := 0; i < 3; i++ {
+			publishTx(t, db, Event{Type: "a.c", Tenant: "acme"})
+			other.wait(1)
+		}
+		if n := busy.count(); n != 1 {
+			t.Fatalf("the throttled subscription received %d requests during its Retry-After", n)
+		}
+		clock.Advance(31 * time.Second)
+		busy.wait(4) // the retry and the three new ones
+	})
+}
+
+func TestStaticHeadersAreSentAndCannotOverrideTheLibrarys(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, openTestDB func(testing.TB) *sql.DB) {
+		ctx := context.Background()
+		db := openTestDB(t)
+		subs := newTestSubscriptions(t, db, nil)
+		rc := newReceiver(t, nil)
+		sub, err := subs.Create(ctx, Subscription{Tenant: "acme", URL: rc.URL(), EventTypes: []string{"*"},
+			Headers: map[string]string{"X-Token": "s3cr3t", "x-tenant-ref": "42"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		rc.setSecrets(sub.Secret)
+		if _, err := subs.Create(ctx, Subscription{Tenant: "acme", URL: rc.URL(), EventTypes: []string{"*"},
+			Headers: map[string]string{"Webhook-Signature": "v1,forged"}}); err == nil {
+			t.Fatal("a header overriding webhook-signature was accepted")
+		}
+		startDispatcher(t, db, Config{})
+		id := publishTx(t, db, Event{Type: "a.b", Tenant: "acme"})[0]
+		got := rc.wait(1)[0] // wait fails the test if the signature does not verify
+		if got.Header.Get("X-Token") != "s3cr3t" || got.Header.Get("X-Tenant-Ref") != "42" || got.ID != id {
+			t.Fatalf("headers %v", got.Header)
+		}
+	})
+}
