@@ -144,7 +144,7 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	}
 
 	l := &loop{d: d, ctx: ctx, workCtx: workCtx, perSub: map[string]int{}, behind: map[string]bool{}, perEvent: 1,
-		lim: newLimiter(),
+		lim:     newLimiter(),
 		results: make(chan result, d.cfg.Concurrency)}
 	return l.run()
 }

@@ -23,8 +23,8 @@ import (
 
 // job is a claimed delivery.
 type job struct {
-	DeliveryID     string `db:"id"`
-	EventID        string `db:"event_id"`
+	DeliveryID     string  `db:"id"`
+	EventID        string  `db:"event_id"`
 	SubscriptionID string  `db:"subscription_id"`
 	Tenant         string  `db:"tenant"`
 	Attempts       int     `db:"attempts"`
