@@ -326,12 +326,7 @@ func (h *handler) listSubscriptions(w http.ResponseWriter, r *http.Request, tena
 }
 
 func (h *handler) createSubscription(w http.ResponseWriter, r *http.Request, tenant string) {
-	if !jsonContentType(r, false) {
-		w.Header().Set("Accept-Post", "application/json")
-		h.writeProblem(w, r, problemUnsupportedMediaType("application/json"))
-		return
-	}
-	body, p := readBody(w, r)
+	body, p := readJSONBody(w, r)
 	if p != nil {
 		h.writeProblem(w, r, p)
 		return

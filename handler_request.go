@@ -187,6 +187,16 @@ func readBody(w http.ResponseWriter, r *http.Request) ([]byte, *problem) {
 	return b, nil
 }
 
+// readJSONBody reads the JSON body of a POST, refusing other media types
+// (with Accept-Post set).
+func readJSONBody(w http.ResponseWriter, r *http.Request) ([]byte, *problem) {
+	if !jsonContentType(r, false) {
+		w.Header().Set("Accept-Post", "application/json")
+		return nil, problemUnsupportedMediaType("application/json")
+	}
+	return readBody(w, r)
+}
+
 // noBody accepts an operation's request without a body, or with a JSON
 // object without fields.
 func noBody(w http.ResponseWriter, r *http.Request) *problem {

@@ -213,12 +213,7 @@ func decodeReplay(body []byte) (ReplayOptions, *problem) {
 
 // replay serves POST /webhook-subscriptions/{subscriptionId}/replay.
 func (h *handler) replay(w http.ResponseWriter, r *http.Request, tenant string) {
-	if !jsonContentType(r, false) {
-		w.Header().Set("Accept-Post", "application/json")
-		h.writeProblem(w, r, problemUnsupportedMediaType("application/json"))
-		return
-	}
-	body, p := readBody(w, r)
+	body, p := readJSONBody(w, r)
 	if p != nil {
 		h.writeProblem(w, r, p)
 		return
