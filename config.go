@@ -194,6 +194,11 @@ func (c *Config) setDefaults() error {
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
+	if c.PublishOperationalEvents {
+		if err := validateTenant(c.OperationalTenant); err != nil {
+			return fmt.Errorf("%w: OperationalTenant: %w", ErrInvalidConfig, err)
+		}
+	}
 	if err := c.setRetentionDefaults(); err != nil {
 		return err
 	}

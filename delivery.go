@@ -38,6 +38,9 @@ const (
 	DeliveryDead DeliveryState = "dead"
 	// DeliveryCanceled: its subscription was deleted before it succeeded.
 	DeliveryCanceled DeliveryState = "canceled"
+	// DeliveryPaused: its subscription is disabled. It waits, kept, and
+	// becomes pending again when the subscription is enabled.
+	DeliveryPaused DeliveryState = "paused"
 )
 
 // Delivery is one event on its way to one subscription.
@@ -136,7 +139,7 @@ func (s *Subscriptions) ListDeliveries(ctx context.Context, tenant, subscription
 		return DeliveryPage{}, err
 	}
 	switch opts.State {
-	case "", DeliveryPending, DeliveryDelivering, DeliverySucceeded, DeliveryDead, DeliveryCanceled:
+	case "", DeliveryPending, DeliveryDelivering, DeliverySucceeded, DeliveryDead, DeliveryCanceled, DeliveryPaused:
 	default:
 		return DeliveryPage{}, fmt.Errorf("%w: unknown delivery state %q", ErrInvalidSubscription, string(opts.State))
 	}
@@ -272,9 +275,14 @@ func (d *Dispatcher) deliver(ctx context.Context, j *job) result {
 	}
 	defer resp.Body.Close()
 	r.status = resp.StatusCode
-	buf := make([]byte, ResponseExcerptBytes)
-	n, readErr := io.ReadFull(resp.Body, buf)
-	r.excerpt = cleanText(buf[:n])
+	bp, _ := d.excerpts.Get().(*[]byte)
+	if bp == nil {
+		b := make([]byte, ResponseExcerptBytes)
+		bp = &b
+	}
+	n, readErr := io.ReadFull(resp.Body, *bp)
+	r.excerpt = cleanText((*bp)[:n]) // a copy: the buffer goes back
+	d.excerpts.Put(bp)
 	if readErr == nil {
 		// Drain a little more so the connection can be reused.
 		_, _ = io.CopyN(io.Discard, resp.Body, 64<<10)

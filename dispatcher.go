@@ -41,7 +41,8 @@ type Dispatcher struct {
 	stopping chan struct{} // closed by Shutdown: claim nothing more
 	done     chan struct{} // closed when Run has returned
 
-	signers signerCache
+	signers  signerCache
+	excerpts sync.Pool // *[]byte of ResponseExcerptBytes, for response excerpts
 
 	// retryTurn says the next claim that finds both first attempts and
 	// retries due starts with a retry.
@@ -242,7 +243,7 @@ func (l *loop) run() error {
 		if !stopping {
 			free = d.cfg.Concurrency - l.inFlight
 		}
-		// Under load a step waits until a quarter of the slots are free
+		// Under load a step waits until half of the slots are free
 		// (or the next poll), so that its transaction records and starts a
 		// batch rather than one delivery at a time; with few requests in
 		// flight it runs at once.
@@ -413,12 +414,28 @@ func (l *loop) finish(r result) {
 	if l.perSub[r.job.SubscriptionID]--; l.perSub[r.job.SubscriptionID] <= 0 {
 		delete(l.perSub, r.job.SubscriptionID)
 	}
+	if r.err != nil && l.workCtx.Err() != nil {
+		// Shutdown ran out of time and aborted the request: that is no
+		// failure of the endpoint, so it is not recorded (no attempt
+		// spent, no health counted); the claim lapses and the delivery
+		// is made again later.
+		return
+	}
+	// An error text can hold anything a peer sent (a certificate's names,
+	// say): make it storable in every database, and short.
+	if len(r.errText) > maxErrorText {
+		r.errText = r.errText[:maxErrorText]
+	}
+	r.errText = cleanText([]byte(r.errText))
 	l.finished = append(l.finished, r)
 }
 
+// maxErrorText bounds a recorded attempt's error text (bytes).
+const maxErrorText = 1 << 10
+
 // minFree is how many free slots make a step worth its transaction while
 // requests are in flight.
-func (l *loop) minFree() int { return max(1, l.d.cfg.Concurrency/4) }
+func (l *loop) minFree() int { return max(1, l.d.cfg.Concurrency/2) }
 
 // drain takes every result that is ready, so they are recorded together.
 func (l *loop) drain() {

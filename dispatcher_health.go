@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/jmoiron/sqlx"
@@ -88,6 +90,9 @@ func healthJSON(results []result, outcomes []outcome) (string, error) {
 			h.FailAt = &at
 		}
 	}
+	// One order for every dispatcher, so concurrent steps lock the
+	// subscriptions' rows (PostgreSQL) in the same order.
+	slices.SortFunc(rows, func(a, b *row) int { return strings.Compare(a.ID, b.ID) })
 	b, err := json.Marshal(rows)
 	if err != nil {
 		return "", fmt.Errorf("encode subscription health: %w", err)
@@ -145,6 +150,9 @@ func (d *Dispatcher) disableFailing(ctx context.Context, tx dbtx.Tx, results []r
 			return nil, fmt.Errorf("disable subscription %s: %w", r.job.SubscriptionID, err)
 		}
 		if len(tenants) == 1 {
+			if err := pauseDeliveries(ctx, tx, r.job.SubscriptionID, now); err != nil {
+				return nil, err
+			}
 			d.log.Warn("webhooks: subscription disabled: endpoint answered 410 Gone",
 				slog.String("subscription", r.job.SubscriptionID))
 			ops = append(ops, OperationalEvent{Type: OpSubscriptionDisabled, Tenant: tenants[0],
@@ -154,6 +162,7 @@ func (d *Dispatcher) disableFailing(ctx context.Context, tx dbtx.Tx, results []r
 	if d.cfg.DisableAfter < 0 || len(ids) == 0 {
 		return ops, nil
 	}
+	slices.Sort(ids) // lock order, as in healthJSON
 	reason := fmt.Sprintf("every attempt failed for %v without a success (at least %d in a row)",
 		d.cfg.DisableAfter, d.cfg.DisableMinFailures)
 	var disabled []struct {
@@ -165,11 +174,23 @@ func (d *Dispatcher) disableFailing(ctx context.Context, tx dbtx.Tx, results []r
 		return nil, fmt.Errorf("disable failing subscriptions: %w", err)
 	}
 	for _, s := range disabled {
+		if err := pauseDeliveries(ctx, tx, s.ID, now); err != nil {
+			return nil, err
+		}
 		d.log.Warn("webhooks: subscription disabled: "+reason, slog.String("subscription", s.ID))
 		ops = append(ops, OperationalEvent{Type: OpSubscriptionDisabled, Tenant: s.Tenant, SubscriptionID: s.ID,
 			Error: reason, At: now})
 	}
 	return ops, nil
+}
+
+// pauseDeliveries parks the pending deliveries of a subscription just
+// disabled (those in flight are paused when their attempt is recorded).
+func pauseDeliveries(ctx context.Context, tx dbtx.Tx, subscriptionID string, now time.Time) error {
+	if _, err := tx.ExecContext(ctx, store.PauseDeliveries, now.UnixMilli(), subscriptionID); err != nil {
+		return fmt.Errorf("pause deliveries of %s: %w", subscriptionID, err)
+	}
+	return nil
 }
 
 // publishOperational publishes ops as events of Config.OperationalTenant
@@ -185,12 +206,13 @@ func (d *Dispatcher) publishOperational(ctx context.Context, tx dbtx.Tx, ops []O
 		}
 		events = append(events, Event{Type: string(op.Type), Tenant: d.cfg.OperationalTenant, Data: op, OccurredAt: op.At})
 	}
-	if len(events) == 0 {
-		return nil
-	}
 	p := Publisher{Clock: d.clock}
-	if _, err := p.PublishBatch(ctx, tx, events...); err != nil {
-		return fmt.Errorf("publish operational events: %w", err)
+	for len(events) > 0 {
+		n := min(len(events), MaxBatchEvents)
+		if _, err := p.PublishBatch(ctx, tx, events[:n]...); err != nil {
+			return fmt.Errorf("publish operational events: %w", err)
+		}
+		events = events[n:]
 	}
 	return nil
 }

@@ -157,7 +157,7 @@ func TestFailingSubscriptionIsDisabledAndItsDeliveriesPaused(t *testing.T) {
 		// Paused: the failing delivery and a new event's wait.
 		second := publishTx(t, db, Event{Type: "a.c", Tenant: "acme"})[0]
 		waitUntil(t, "two paused deliveries", func() bool {
-			return countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'pending'`) == 2
+			return countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'paused'`) == 2
 		})
 		clock.Advance(2 * time.Hour) // both due now, yet none goes out
 		before := rc.count()

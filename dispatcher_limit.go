@@ -117,7 +117,7 @@ func (l *limiter) wait(now time.Time) time.Duration {
 		case now.Before(b.until):
 			w = b.until.Sub(now)
 		case b.rate > 0 && b.tokens < 1:
-			w = time.Duration((1 - b.tokens) / b.rate * float64(time.Second))
+			w = time.Duration(min((1-b.tokens)/b.rate, 3600) * float64(time.Second))
 		case b.rate <= 0 || b.tokens >= burst(b.rate):
 			delete(l.buckets, id)
 			continue

@@ -114,6 +114,10 @@ func (d *Dispatcher) step(ctx context.Context, in stepInput) (stepOutput, error)
 			}
 			out.ops = ops
 		}
+		// Claims and their leases count from now that the write lock is
+		// held: waiting for it (up to the busy timeout) must not eat into
+		// a lease.
+		now := d.clock.Now()
 		taken := map[string]int{}
 		if in.claim > 0 {
 			jobs, more, err := d.claim(ctx, tx, &in, taken, token, now, &out.refused)
@@ -221,8 +225,9 @@ func (d *Dispatcher) expand(ctx context.Context, tx dbtx.Tx, in stepInput, free 
 				Payload: e.Payload, claimToken: token}
 			switch {
 			case !s.Enabled:
-				// Paused: it waits, pending, until the subscription is
-				// enabled again.
+				// Paused: it waits until the subscription is enabled
+				// again.
+				row.State = string(DeliveryPaused)
 			case free > 0 && d.admit(&in, j, taken, now):
 				free--
 				taken[s.ID]++

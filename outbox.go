@@ -24,6 +24,9 @@ const (
 	MaxEventTypeLength = 128
 	// MaxEventIDLength bounds a caller-chosen event ID's length.
 	MaxEventIDLength = 128
+	// MaxBatchEvents bounds the events of one PublishBatch, which keeps
+	// its statement under every driver's parameter limit.
+	MaxBatchEvents = 1000
 	// MaxTenantLength bounds a tenant's length.
 	MaxTenantLength = 256
 )
@@ -121,9 +124,8 @@ func (p *Publisher) PublishBatch(ctx context.Context, tx Execer, events ...Event
 	if len(events) == 0 {
 		return nil, nil
 	}
-	const maxBatch = 1000 // keeps the statement under every driver's parameter limit
-	if len(events) > maxBatch {
-		return nil, fmt.Errorf("%w: batch of %d events; at most %d", ErrInvalidEvent, len(events), maxBatch)
+	if len(events) > MaxBatchEvents {
+		return nil, fmt.Errorf("%w: batch of %d events; at most %d", ErrInvalidEvent, len(events), MaxBatchEvents)
 	}
 	ids := make([]string, len(events))
 	args := make([]any, 0, len(events)*7)

@@ -400,6 +400,17 @@ func (s *Subscriptions) modify(ctx context.Context, tenant, id string, change fu
 			sub.ConsecutiveFailures, sub.FailingSince = 0, time.Time{}
 		}
 		sub.UpdatedAt = s.clock.Now().UTC().Truncate(time.Millisecond)
+		if wasDisabled != sub.Disabled {
+			// Disabled pauses the subscription's pending deliveries;
+			// enabled sends them again.
+			q := store.ResumeDeliveries
+			if sub.Disabled {
+				q = store.PauseDeliveries
+			}
+			if _, err := tx.ExecContext(ctx, q, sub.UpdatedAt.UnixMilli(), sub.ID); err != nil {
+				return fmt.Errorf("webhooks: update subscription %q: %w", id, err)
+			}
+		}
 		r := toRow(&sub)
 		if _, err := tx.ExecContext(ctx, store.UpdateSubscriptionFull,
 			r.URL, r.EventTypes, r.Secrets, r.Description, r.Metadata,

@@ -134,9 +134,15 @@ func isTokenChar(c byte) bool {
 }
 
 // checkRateLimit says what is wrong with a rate limit, or "".
+// MinRateLimit is the smallest RateLimit other than 0: one delivery an hour.
+const MinRateLimit = 1.0 / 3600
+
 func checkRateLimit(r float64) string {
 	if math.IsNaN(r) || math.IsInf(r, 0) || r < 0 {
 		return "must be a finite number of deliveries per second, at least 0 (0: no limit)"
+	}
+	if r > 0 && r < MinRateLimit {
+		return fmt.Sprintf("must be 0 (no limit) or at least %g deliveries per second (one an hour)", MinRateLimit)
 	}
 	return ""
 }

@@ -284,8 +284,12 @@ const markExpandedBatchPostgres = `UPDATE webhook_outbox SET expanded_at = $1
 WHERE seq = ANY (ARRAY(SELECT CAST(jsonb_array_elements_text(CAST($2 AS jsonb)) AS bigint)))
   AND expanded_at IS NULL`
 
+// recordDeliveries pauses a retry whose subscription was disabled while
+// the attempt was in flight.
 const recordDeliveries = `UPDATE webhook_deliveries
-SET state = r.state, attempts = webhook_deliveries.attempts + 1, next_at = r.next_at,
+SET state = CASE WHEN r.state = 'pending' AND NOT EXISTS (SELECT 1 FROM webhook_subscriptions s
+        WHERE s.id = webhook_deliveries.subscription_id AND s.enabled = TRUE) THEN 'paused' ELSE r.state END,
+    attempts = webhook_deliveries.attempts + 1, next_at = r.next_at,
     claim_token = NULL, last_status = r.last_status, last_error = r.last_error,
     updated_at = r.at, delivered_at = r.delivered_at
 FROM (%s) AS r
@@ -334,9 +338,9 @@ WHERE id IN (%s)`
 const (
 	// SelectTenantSubscriptions: $1 tenant. The enabled subscriptions an
 	// event of that tenant may reach.
-	// Returns id, event_types, url, secrets, headers, rate_limit, enabled:
-	// disabled subscriptions too, whose deliveries wait (paused) until
-	// they are enabled again.
+	// Returns id, event_types, url, secrets, headers, rate_limit, enabled,
+	// of every subscription of the tenant, enabled or not: a disabled
+	// one's deliveries are made paused and wait until it is enabled again.
 	SelectTenantSubscriptions = `SELECT id, event_types, url, secrets, headers, rate_limit, enabled
 FROM webhook_subscriptions WHERE tenant = $1`
 
@@ -397,7 +401,19 @@ WHERE tenant = $9 AND id = $10`
 	// subscription: $1 updated_at, $2 subscription_id.
 	CancelSubscriptionDeliveries = `UPDATE webhook_deliveries
 SET state = 'canceled', claim_token = NULL, updated_at = $1
-WHERE subscription_id = $2 AND state IN ('pending', 'delivering')`
+WHERE subscription_id = $2 AND state IN ('pending', 'delivering', 'paused')`
+
+	// PauseDeliveries parks the pending deliveries of a subscription that
+	// was disabled: paused deliveries are outside the due indexes, so no
+	// claim reads them. $1 updated_at, $2 subscription_id.
+	PauseDeliveries = `UPDATE webhook_deliveries SET state = 'paused', updated_at = $1
+WHERE subscription_id = $2 AND state = 'pending'`
+
+	// ResumeDeliveries makes a re-enabled subscription's paused deliveries
+	// pending again, each due when it was: $1 updated_at, $2
+	// subscription_id.
+	ResumeDeliveries = `UPDATE webhook_deliveries SET state = 'pending', updated_at = $1
+WHERE subscription_id = $2 AND state = 'paused'`
 )
 
 // Delivery statements.

@@ -12,8 +12,9 @@ ALTER TABLE webhook_subscriptions ADD COLUMN consecutive_failures INTEGER NOT NU
 ALTER TABLE webhook_subscriptions ADD COLUMN failing_since BIGINT;
 ALTER TABLE webhook_subscriptions ADD COLUMN last_success_at BIGINT;
 
--- Retention: finished deliveries by age, and expanded events by age.
-CREATE INDEX webhook_deliveries_finished ON webhook_deliveries (updated_at)
+-- Retention: finished deliveries by age, and expanded events by age. IF NOT
+-- EXISTS: on a large database, create them CONCURRENTLY beforehand (README).
+CREATE INDEX IF NOT EXISTS webhook_deliveries_finished ON webhook_deliveries (updated_at)
     WHERE state IN ('succeeded', 'dead', 'canceled');
-CREATE INDEX webhook_outbox_expanded ON webhook_outbox (expanded_at)
+CREATE INDEX IF NOT EXISTS webhook_outbox_expanded ON webhook_outbox (expanded_at)
     WHERE expanded_at IS NOT NULL;
