@@ -421,17 +421,8 @@ func (l *loop) finish(r result) {
 		// is made again later.
 		return
 	}
-	// An error text can hold anything a peer sent (a certificate's names,
-	// say): make it storable in every database, and short.
-	if len(r.errText) > maxErrorText {
-		r.errText = r.errText[:maxErrorText]
-	}
-	r.errText = cleanText([]byte(r.errText))
 	l.finished = append(l.finished, r)
 }
-
-// maxErrorText bounds a recorded attempt's error text (bytes).
-const maxErrorText = 1 << 10
 
 // minFree is how many free slots make a step worth its transaction while
 // requests are in flight.

@@ -311,3 +311,43 @@ func TestStaticHeadersAreSentAndCannotOverrideTheLibrarys(t *testing.T) {
 		}
 	})
 }
+
+// An attempt's error text may hold anything a peer sent, NUL bytes and
+// invalid UTF-8 included (a certificate's names, say); recording it must
+// not fail (PostgreSQL refuses NUL in text and JSON), or the dispatcher
+// would stall on it.
+func TestHostileErrorTextIsRecorded(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, openTestDB func(testing.TB) *sql.DB) {
+		ctx := context.Background()
+		db := openTestDB(t)
+		subs := newTestSubscriptions(t, db, nil)
+		rc := newReceiver(t, nil)
+		mustSubscribe(t, subs, rc, "", "*")
+		d, err := NewDispatcher(db, allowLoopback(Config{RetryPolicy: immediateRetry{max: 5}}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		publishTx(t, db, Event{Type: "a.b"})
+		jobs, _, err := testClaim(ctx, d, 1, map[string]int{}, false)
+		if err != nil || len(jobs) == 0 {
+			if _, err := testExpand(ctx, d); err != nil {
+				t.Fatal(err)
+			}
+			jobs, _, err = testClaim(ctx, d, 1, map[string]int{}, false)
+		}
+		if err != nil || len(jobs) != 1 {
+			t.Fatalf("claim: %d %v", len(jobs), err)
+		}
+		hostile := "x509: certificate is valid for evil\x00.example, \xff\xfe" + strings.Repeat("long ", 1000)
+		if err := testRecord(ctx, d, []result{{job: jobs[0], started: time.Now(), errText: hostile}}); err != nil {
+			t.Fatalf("recording a hostile error text: %v", err)
+		}
+		var stored string
+		if err := db.QueryRow(`SELECT error FROM webhook_attempts`).Scan(&stored); err != nil {
+			t.Fatal(err)
+		}
+		if strings.ContainsRune(stored, 0) || len(stored) > 1100 || !strings.HasPrefix(stored, "x509: certificate is valid for evil") {
+			t.Fatalf("stored error text %q", stored[:min(80, len(stored))])
+		}
+	})
+}

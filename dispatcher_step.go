@@ -339,6 +339,9 @@ func (d *Dispatcher) skipJSON(perSub map[string]int, lim *limiter, now time.Time
 	return idsJSON(ids)
 }
 
+// maxErrorText bounds a recorded attempt's error text (bytes).
+const maxErrorText = 1 << 10
+
 // recordBatch is the encoded outcome of finished attempts.
 type recordBatch struct {
 	outcomes   []outcome // per result
@@ -374,6 +377,12 @@ func (d *Dispatcher) recordBatch(results []result, now time.Time) (recordBatch, 
 	attempts := make([]attemptRow, len(results))
 	for i := range results {
 		r := &results[i]
+		// An error text can hold anything a peer sent (a certificate's
+		// names, say): make it storable in every database, and short.
+		if len(r.errText) > maxErrorText {
+			r.errText = r.errText[:maxErrorText]
+		}
+		r.errText = cleanText([]byte(r.errText))
 		o := d.outcome(r, now)
 		b.outcomes[i] = o
 		deliveries[i] = deliveryRow{ID: r.job.DeliveryID, ClaimToken: r.job.claimToken, State: string(o.state),
