@@ -243,7 +243,7 @@ func (l *loop) run() error {
 		if !stopping {
 			free = d.cfg.Concurrency - l.inFlight
 		}
-		// Under load a step waits until half of the slots are free
+		// Under load a step waits until a quarter of the slots are free
 		// (or the next poll), so that its transaction records and starts a
 		// batch rather than one delivery at a time; with few requests in
 		// flight it runs at once.
@@ -387,9 +387,9 @@ func (l *loop) step(free int, claim, expand, probe bool) {
 		for _, s := range skipped {
 			l.behind[s] = true
 		}
-		for _, s := range out.refused {
-			l.behind[s] = true
-		}
+	}
+	for _, s := range out.refused {
+		l.behind[s] = true
 	}
 }
 
@@ -425,8 +425,10 @@ func (l *loop) finish(r result) {
 }
 
 // minFree is how many free slots make a step worth its transaction while
-// requests are in flight.
-func (l *loop) minFree() int { return max(1, l.d.cfg.Concurrency/2) }
+// requests are in flight. (Half the slots made steps 20% bigger and end to
+// end 5-10% faster, but a hanging endpoint holding its cap then slowed the
+// others by 10-15%.)
+func (l *loop) minFree() int { return max(1, l.d.cfg.Concurrency/4) }
 
 // drain takes every result that is ready, so they are recorded together.
 func (l *loop) drain() {

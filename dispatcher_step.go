@@ -52,7 +52,7 @@ type stepOutput struct {
 	jobs       []*job   // claimed, to start
 	moreDue    bool     // due deliveries were left unclaimed
 	moreEvents bool     // events were left unexpanded
-	refused    []string // subscriptions whose due deliveries the claim left at their cap
+	refused    []string // subscriptions whose due work the step left behind: at their cap or held back by their limiter
 	events     int      // events expanded
 	deliveries int      // deliveries they made
 	// ops are the operational events the step recorded, to hand to
@@ -233,8 +233,14 @@ func (d *Dispatcher) expand(ctx context.Context, tx dbtx.Tx, in stepInput, free 
 				taken[s.ID]++
 				row.State, row.NextAt, row.ClaimToken = string(DeliveryDelivering), lease, &token
 				claimed[id] = j
+			case free == 0:
+				out.moreDue = true // no slot left: claim it later
 			default:
-				out.moreDue = true
+				// Its subscription is at its cap or held back by its
+				// limiter: the loop claims it when one of its deliveries
+				// finishes or its limiter admits again, not at every step
+				// (a hanging endpoint would make every step claim).
+				out.refused = append(out.refused, s.ID)
 			}
 			rows = append(rows, row)
 		}
