@@ -24,6 +24,9 @@
 //     the setting an application's own DSN must have when it writes from
 //     several goroutines.
 //   - _foreign_keys=on: enforce the application's own foreign keys.
+//   - _stmt_cache_size and _cache_size: each connection keeps StmtCacheSize
+//     prepared statements and up to 64 MiB of database pages (performance
+//     only).
 package sqlite
 
 import (
