@@ -127,9 +127,6 @@ type Queries struct {
 	// ClaimDeliveries: $1 lease expiry, $2 claim token, $3 now, $4 JSON array
 	// of delivery IDs.
 	ClaimDeliveries string
-	// SelectSubscriptionForUpdate is SelectSubscription, locking the row
-	// for a read-modify-write.
-	SelectSubscriptionForUpdate string
 	// LockTenantSubscriptions: $1 tenant. Serializes count-then-create of
 	// one tenant's subscriptions. Empty when transactions are exclusive.
 	LockTenantSubscriptions string
@@ -145,37 +142,35 @@ func (d Dialect) Queries() (Queries, error) {
 		// SQLite has one writer at a time: transactions begin with
 		// BEGIN IMMEDIATE, so plain selects are already exclusive.
 		return Queries{
-			SelectUnexpanded:            selectUnexpanded,
-			InsertDeliveries:            fmt.Sprintf(insertDeliveries, fmt.Sprintf(jsonRowsSQLite, deliveryFieldsSQLite)),
-			MarkExpandedBatch:           fmt.Sprintf(markExpandedBatch, fmt.Sprintf(jsonArraySQLite, "$2")),
-			RecordDeliveries:            fmt.Sprintf(recordDeliveries, fmt.Sprintf(jsonRowsSQLite, recordFieldsSQLite)),
-			InsertAttempts:              fmt.Sprintf(insertAttempts, fmt.Sprintf(jsonRowsSQLite, attemptFieldsSQLite)),
-			RecordHealth:                fmt.Sprintf(recordHealth, fmt.Sprintf(jsonRowsSQLite, healthFieldsSQLite)),
-			AutoDisable:                 fmt.Sprintf(autoDisable, fmt.Sprintf(jsonArraySQLite, "$5")),
-			SelectDueFirst:              fmt.Sprintf(selectDueSQLite, "= 0"),
-			SelectDueRetry:              fmt.Sprintf(selectDueSQLite, "> 0"),
-			ClaimDeliveries:             fmt.Sprintf(claimDeliveries, fmt.Sprintf(jsonArraySQLite, "$4")),
-			SelectSubscriptionForUpdate: SelectSubscription,
+			SelectUnexpanded:  selectUnexpanded,
+			InsertDeliveries:  fmt.Sprintf(insertDeliveries, fmt.Sprintf(jsonRowsSQLite, deliveryFieldsSQLite)),
+			MarkExpandedBatch: fmt.Sprintf(markExpandedBatch, fmt.Sprintf(jsonArraySQLite, "$2")),
+			RecordDeliveries:  fmt.Sprintf(recordDeliveries, fmt.Sprintf(jsonRowsSQLite, recordFieldsSQLite)),
+			InsertAttempts:    fmt.Sprintf(insertAttempts, fmt.Sprintf(jsonRowsSQLite, attemptFieldsSQLite)),
+			RecordHealth:      fmt.Sprintf(recordHealth, fmt.Sprintf(jsonRowsSQLite, healthFieldsSQLite)),
+			AutoDisable:       fmt.Sprintf(autoDisable, fmt.Sprintf(jsonArraySQLite, "$5")),
+			SelectDueFirst:    fmt.Sprintf(selectDueSQLite, "= 0"),
+			SelectDueRetry:    fmt.Sprintf(selectDueSQLite, "> 0"),
+			ClaimDeliveries:   fmt.Sprintf(claimDeliveries, fmt.Sprintf(jsonArraySQLite, "$4")),
 		}, nil
 	case Postgres:
 		// Several dispatchers work side by side: each locks the rows it
 		// takes and skips those another one holds.
 		skip := fmt.Sprintf(jsonArrayPostgres, "$2")
 		return Queries{
-			LockMigrations:              `SELECT pg_advisory_xact_lock(7316101326475121)`,
-			SelectUnexpanded:            selectUnexpanded + "\nFOR UPDATE SKIP LOCKED",
-			InsertDeliveries:            fmt.Sprintf(insertDeliveries, fmt.Sprintf(jsonRowsPostgres, deliveryFieldsPostgres)),
-			MarkExpandedBatch:           markExpandedBatchPostgres,
-			RecordDeliveries:            fmt.Sprintf(recordDeliveries, fmt.Sprintf(jsonRowsPostgres, recordFieldsPostgres)),
-			InsertAttempts:              fmt.Sprintf(insertAttempts, fmt.Sprintf(jsonRowsPostgres, attemptFieldsPostgres)),
-			RecordHealth:                fmt.Sprintf(recordHealth, fmt.Sprintf(jsonRowsPostgres, healthFieldsPostgres)),
-			AutoDisable:                 fmt.Sprintf(autoDisable, fmt.Sprintf(jsonArrayPostgres, "$5")),
-			SelectDueFirst:              fmt.Sprintf(selectDue, "= 0", skip) + "\nFOR UPDATE OF d SKIP LOCKED",
-			SelectDueRetry:              fmt.Sprintf(selectDue, "> 0", skip) + "\nFOR UPDATE OF d SKIP LOCKED",
-			ClaimDeliveries:             fmt.Sprintf(claimDeliveries, fmt.Sprintf(jsonArrayPostgres, "$4")),
-			SelectSubscriptionForUpdate: SelectSubscription + "\nFOR UPDATE",
-			LockTenantSubscriptions:     `SELECT pg_advisory_xact_lock(7316, hashtext($1))`,
-			NotifyChannel:               "webhook_outbox",
+			LockMigrations:          `SELECT pg_advisory_xact_lock(7316101326475121)`,
+			SelectUnexpanded:        selectUnexpanded + "\nFOR UPDATE SKIP LOCKED",
+			InsertDeliveries:        fmt.Sprintf(insertDeliveries, fmt.Sprintf(jsonRowsPostgres, deliveryFieldsPostgres)),
+			MarkExpandedBatch:       markExpandedBatchPostgres,
+			RecordDeliveries:        fmt.Sprintf(recordDeliveries, fmt.Sprintf(jsonRowsPostgres, recordFieldsPostgres)),
+			InsertAttempts:          fmt.Sprintf(insertAttempts, fmt.Sprintf(jsonRowsPostgres, attemptFieldsPostgres)),
+			RecordHealth:            fmt.Sprintf(recordHealth, fmt.Sprintf(jsonRowsPostgres, healthFieldsPostgres)),
+			AutoDisable:             fmt.Sprintf(autoDisable, fmt.Sprintf(jsonArrayPostgres, "$5")),
+			SelectDueFirst:          fmt.Sprintf(selectDue, "= 0", skip) + "\nFOR UPDATE OF d SKIP LOCKED",
+			SelectDueRetry:          fmt.Sprintf(selectDue, "> 0", skip) + "\nFOR UPDATE OF d SKIP LOCKED",
+			ClaimDeliveries:         fmt.Sprintf(claimDeliveries, fmt.Sprintf(jsonArrayPostgres, "$4")),
+			LockTenantSubscriptions: `SELECT pg_advisory_xact_lock(7316, hashtext($1))`,
+			NotifyChannel:           "webhook_outbox",
 		}, nil
 	}
 	return Queries{}, fmt.Errorf("%w: %q", ErrUnknownDialect, string(d))
@@ -370,29 +365,8 @@ const (
 	subscriptionColumns = `id, tenant, url, event_types, secrets, description, metadata,
        enabled, disabled_reason, created_at, updated_at`
 
-	// InsertSubscription: the columns of subscriptionColumns in order.
-	InsertSubscription = `INSERT INTO webhook_subscriptions (` + subscriptionColumns + `)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)`
-
-	// SelectSubscription: $1 tenant, $2 id.
-	SelectSubscription = `SELECT ` + subscriptionColumns + ` FROM webhook_subscriptions
-WHERE tenant = $1 AND id = $2`
-
-	// ListSubscriptions: $1 tenant, $2 cursor (exclusive; '' for the first
-	// page), $3 limit.
-	ListSubscriptions = `SELECT ` + subscriptionColumns + ` FROM webhook_subscriptions
-WHERE tenant = $1 AND id > $2 ORDER BY id LIMIT $3`
-
 	// CountSubscriptions: $1 tenant.
 	CountSubscriptions = `SELECT COUNT(*) FROM webhook_subscriptions WHERE tenant = $1`
-
-	// UpdateSubscription: $1 url, $2 event_types, $3 secrets,
-	// $4 description, $5 metadata, $6 enabled, $7 disabled_reason,
-	// $8 updated_at, $9 tenant, $10 id.
-	UpdateSubscription = `UPDATE webhook_subscriptions
-SET url = $1, event_types = $2, secrets = $3, description = $4, metadata = $5,
-    enabled = $6, disabled_reason = $7, updated_at = $8
-WHERE tenant = $9 AND id = $10`
 
 	// DeleteSubscription: $1 tenant, $2 id.
 	DeleteSubscription = `DELETE FROM webhook_subscriptions WHERE tenant = $1 AND id = $2`
@@ -430,16 +404,6 @@ WHERE tenant = $1 AND id = $2`
 	ListDeliveries = `SELECT ` + deliveryColumns + ` FROM webhook_deliveries
 WHERE tenant = $1 AND subscription_id = $2 AND ($3 = '' OR state = $3) AND id > $4
 ORDER BY id LIMIT $5`
-
-	// SelectAttempts: $1 delivery_id.
-	SelectAttempts = `SELECT attempt, started_at, duration_ms, status_code, error, response_body
-FROM webhook_attempts WHERE delivery_id = $1 ORDER BY attempt, id`
-
-	// RequeueDelivery makes a finished delivery due again: $1 next_at,
-	// $2 updated_at, $3 tenant, $4 id.
-	RequeueDelivery = `UPDATE webhook_deliveries
-SET state = 'pending', next_at = $1, updated_at = $2
-WHERE tenant = $3 AND id = $4 AND state IN ('succeeded', 'dead')`
 )
 
 // Migration bookkeeping, the same in every dialect.

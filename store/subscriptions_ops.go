@@ -12,7 +12,7 @@ const (
 	subscriptionColumnsFull = subscriptionColumns + `,
        headers, rate_limit, consecutive_failures, failing_since, last_success_at`
 
-	// InsertSubscriptionFull: the columns of InsertSubscription in order,
+	// InsertSubscriptionFull: the columns of subscriptionColumns in order,
 	// then $12 headers (a JSON object), $13 rate_limit.
 	InsertSubscriptionFull = `INSERT INTO webhook_subscriptions (` + subscriptionColumns + `, headers, rate_limit)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)`
@@ -59,7 +59,7 @@ JOIN webhook_subscriptions s ON s.id = d.subscription_id
 WHERE d.tenant = $1 AND d.event_id = $2 AND ($3 = '' OR d.subscription_id = $3)
 ORDER BY d.id`
 
-	// SelectAttemptLog is SelectAttempts in the order the attempts were
+	// SelectAttemptLog returns a delivery's attempts in the order they were
 	// recorded, which stays chronological when a replay numbers attempts
 	// from 1 again: $1 delivery_id.
 	SelectAttemptLog = `SELECT attempt, started_at, duration_ms, status_code, error, response_body
