@@ -188,8 +188,9 @@ func (d *Dispatcher) cleanOnce(ctx context.Context) (cleanCounts, error) {
 			}
 		}
 	}
+	from := int64(math.MinInt64)
 	err = batches(func() (cleanCounts, int64, error) {
-		m, err := d.cleanDeliveryBatch(ctx, q, cutoff, deadCutoff)
+		m, err := d.cleanDeliveryBatch(ctx, q, cutoff, deadCutoff, &from)
 		return m, m.Deliveries, err
 	})
 	if err == nil {
@@ -203,17 +204,28 @@ func (d *Dispatcher) cleanOnce(ctx context.Context) (cleanCounts, error) {
 
 // cleanDeliveryBatch deletes up to CleanupBatchSize expired deliveries and
 // their attempts in one transaction.
-func (d *Dispatcher) cleanDeliveryBatch(ctx context.Context, q store.RetentionQueries, cutoff, deadCutoff int64) (cleanCounts, error) {
+// from is where the pass is (an update time, inclusive); it moves to the
+// last deleted delivery's.
+func (d *Dispatcher) cleanDeliveryBatch(ctx context.Context, q store.RetentionQueries, cutoff, deadCutoff int64, from *int64) (cleanCounts, error) {
 	var n cleanCounts
+	last := *from
 	err := d.inTx(ctx, func(tx dbtx.Tx) error {
 		n = cleanCounts{}
-		var ids []string
-		if err := sqlx.SelectContext(ctx, tx, &ids, q.SelectExpiredDeliveries, cutoff, deadCutoff, d.cfg.CleanupBatchSize); err != nil {
+		var rows []struct {
+			ID        string `db:"id"`
+			UpdatedAt int64  `db:"updated_at"`
+		}
+		if err := sqlx.SelectContext(ctx, tx, &rows, q.SelectExpiredDeliveries, cutoff, deadCutoff, *from, d.cfg.CleanupBatchSize); err != nil {
 			return fmt.Errorf("select expired deliveries: %w", err)
 		}
-		if len(ids) == 0 {
+		if len(rows) == 0 {
 			return nil
 		}
+		ids := make([]string, len(rows))
+		for i, r := range rows {
+			ids[i] = r.ID
+		}
+		last = rows[len(rows)-1].UpdatedAt
 		idsJSON, err := json.Marshal(ids)
 		if err != nil {
 			return fmt.Errorf("encode delivery IDs: %w", err)
@@ -236,6 +248,7 @@ func (d *Dispatcher) cleanDeliveryBatch(ctx context.Context, q store.RetentionQu
 	if err != nil {
 		return cleanCounts{}, fmt.Errorf("webhooks: cleaner: %w", err)
 	}
+	*from = last
 	return n, nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"runtime"
 	"slices"
 	"strings"
@@ -296,7 +297,8 @@ func TestRetentionDeletesInBatches(t *testing.T) {
 		cutoff := clock.Now().Add(-time.Hour).UnixMilli()
 
 		// One transaction deletes one batch, oldest first.
-		got, err := d.cleanDeliveryBatch(context.Background(), q, cutoff, cutoff)
+		from := int64(math.MinInt64)
+		got, err := d.cleanDeliveryBatch(context.Background(), q, cutoff, cutoff, &from)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -8,10 +8,13 @@ import "fmt"
 // LOCKED, so several cleaners (one per dispatcher) never wait for one another
 // nor deadlock; on SQLite the transaction itself is exclusive.
 type RetentionQueries struct {
-	// SelectExpiredDeliveries returns the IDs (column id) of up to $3
-	// finished deliveries to delete, oldest first: succeeded and canceled
-	// ones last updated before $1, dead ones last updated before $2 (which
-	// is never after $1). It reads the webhook_deliveries_finished index.
+	// SelectExpiredDeliveries returns the IDs and update times (columns
+	// id, updated_at) of up to $4 finished deliveries to delete, oldest
+	// first: succeeded and canceled ones last updated before $1, dead ones
+	// last updated before $2 (which is never after $1), none updated
+	// before $3. It reads the webhook_deliveries_finished index; $3 lets a
+	// pass go on where its last batch stopped, so the dead deliveries it
+	// keeps are read once per pass, not once per batch.
 	SelectExpiredDeliveries string
 	// DeleteDeliveryAttempts deletes the attempts of the deliveries in $1,
 	// a JSON array of delivery IDs.
@@ -48,11 +51,11 @@ func (d Dialect) RetentionQueries() (RetentionQueries, error) {
 // selectExpiredDeliveries repeats the predicate of the
 // webhook_deliveries_finished partial index word for word, so that both
 // SQLite and PostgreSQL see the index applies.
-const selectExpiredDeliveries = `SELECT id FROM webhook_deliveries
+const selectExpiredDeliveries = `SELECT id, updated_at FROM webhook_deliveries
 WHERE state IN ('succeeded', 'dead', 'canceled') AND updated_at < $1
-  AND (state <> 'dead' OR updated_at < $2)
+  AND (state <> 'dead' OR updated_at < $2) AND updated_at >= $3
 ORDER BY updated_at
-LIMIT $3`
+LIMIT $4`
 
 const deleteDeliveryAttempts = `DELETE FROM webhook_attempts WHERE delivery_id IN (%s)`
 
