@@ -213,7 +213,8 @@ type loop struct {
 	backoff    time.Duration // current pause after database errors
 	pauseUntil time.Time     // no database work before then
 
-	lim *limiter // per-subscription rate limits and 429 pauses
+	lim         *limiter         // per-subscription rate limits and 429 pauses
+	unthrottled <-chan time.Time // fires when a held-back subscription may send
 }
 
 // run is the dispatcher's loop. Each round runs at most one write
@@ -267,6 +268,13 @@ func (l *loop) run() error {
 		if l.ctx.Err() != nil {
 			return l.hardStop()
 		}
+		// A subscription held back by its rate limit or a 429 is looked at
+		// again when it may send.
+		if l.unthrottled == nil {
+			if wait := l.lim.wait(d.clock.Now()); wait > 0 {
+				l.unthrottled = time.After(wait)
+			}
+		}
 		if l.moreEvents && !l.paused() && !stopping && d.cfg.Concurrency-l.inFlight >= l.minFree() {
 			// Events wait and slots are free: take finished results, but
 			// do not block.
@@ -276,6 +284,8 @@ func (l *loop) run() error {
 				stopping = true
 			case <-ticker.C:
 				poll = true
+			case <-l.unthrottled:
+				l.moreDue, l.unthrottled = true, nil
 			default:
 			}
 			continue
@@ -285,12 +295,6 @@ func (l *loop) run() error {
 		var resume <-chan time.Time
 		if wait := time.Until(l.pauseUntil); wait > 0 {
 			resume = time.After(wait)
-		}
-		// A subscription held back by its rate limit or a 429 is looked at
-		// again when it may send.
-		var unthrottled <-chan time.Time
-		if wait := l.lim.wait(d.clock.Now()); wait > 0 && resume == nil {
-			unthrottled = time.After(wait)
 		}
 		select {
 		case <-l.ctx.Done():
@@ -304,8 +308,8 @@ func (l *loop) run() error {
 			l.moreEvents, wake = true, true
 		case <-resume:
 			poll = true
-		case <-unthrottled:
-			l.moreDue = true
+		case <-l.unthrottled:
+			l.moreDue, l.unthrottled = true, nil
 		case <-d.stopping:
 		}
 		select {

@@ -186,9 +186,11 @@ func (d *Dispatcher) disableFailing(ctx context.Context, tx dbtx.Tx, results []r
 
 // pauseDeliveries parks the pending deliveries of a subscription just
 // disabled (those in flight are paused when their attempt is recorded).
-func pauseDeliveries(ctx context.Context, tx dbtx.Tx, subscriptionID string, now time.Time) error {
-	if _, err := tx.ExecContext(ctx, store.PauseDeliveries, now.UnixMilli(), subscriptionID); err != nil {
-		return fmt.Errorf("pause deliveries of %s: %w", subscriptionID, err)
+func pauseDeliveries(ctx context.Context, tx Execer, subscriptionID string, now time.Time) error {
+	for _, q := range []string{store.PauseDeliveries, store.PauseRetries} {
+		if _, err := tx.ExecContext(ctx, q, now.UnixMilli(), subscriptionID); err != nil {
+			return fmt.Errorf("pause deliveries of %s: %w", subscriptionID, err)
+		}
 	}
 	return nil
 }

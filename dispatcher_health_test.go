@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/outboxhook/webhooks/store"
 )
 
 // opRecorder collects operational events from Config.OnOperationalEvent.
@@ -350,4 +352,65 @@ func TestHostileErrorTextIsRecorded(t *testing.T) {
 			t.Fatalf("stored error text %q", stored[:min(80, len(stored))])
 		}
 	})
+}
+
+// On PostgreSQL an attempt recorded while the subscription is being enabled
+// waits for the enabling transaction: the retry it records comes out pending,
+// never paused after the enabling transaction resumed the paused ones (it
+// would stay paused for good).
+func TestRecordDuringEnableIsNotLeftPaused(t *testing.T) {
+	ctx := context.Background()
+	db := openPostgresTestDB(t)
+	subs := newTestSubscriptions(t, db, nil)
+	rc := newReceiver(t, nil)
+	sub := mustSubscribe(t, subs, rc, "", "*")
+	d, err := NewDispatcher(db, allowLoopback(Config{RetryPolicy: immediateRetry{max: 5}}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	publishTx(t, db, Event{Type: "a.b"})
+	if _, err := testExpand(ctx, d); err != nil {
+		t.Fatal(err)
+	}
+	jobs, _, err := testClaim(ctx, d, 1, map[string]int{}, false)
+	if err != nil || len(jobs) != 1 {
+		t.Fatalf("claim: %d %v", len(jobs), err)
+	}
+	// Disabled while the attempt is in flight...
+	if _, err := db.Exec(`UPDATE webhook_subscriptions SET enabled = FALSE WHERE id = $1`, sub.ID); err != nil {
+		t.Fatal(err)
+	}
+	// ...and being enabled again, as Subscriptions.Update does, when the
+	// attempt's result is recorded.
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback()
+	if _, err := tx.Exec(`SELECT id FROM webhook_subscriptions WHERE id = $1 FOR UPDATE`, sub.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(`UPDATE webhook_subscriptions SET enabled = TRUE WHERE id = $1`, sub.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(store.ResumeDeliveries, time.Now().UnixMilli(), sub.ID); err != nil {
+		t.Fatal(err)
+	}
+	recorded := make(chan error, 1)
+	go func() {
+		recorded <- testRecord(ctx, d, []result{{job: jobs[0], started: time.Now(), status: 500, errText: "HTTP 500"}})
+	}()
+	// The record waits for the subscription's row lock.
+	waitUntil(t, "the record to wait for the enabling transaction", func() bool {
+		return countRows(t, db, `SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE webhook_deliveries%'`) > 0
+	})
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-recorded; err != nil {
+		t.Fatal(err)
+	}
+	if n := countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'pending' AND attempts = 1`); n != 1 {
+		t.Fatalf("the retry of a just enabled subscription is not pending (paused for good?)")
+	}
 }

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"math"
 	"time"
+	"unicode/utf8"
 
 	"github.com/jmoiron/sqlx"
 
@@ -200,7 +201,7 @@ func (d *Dispatcher) expand(ctx context.Context, tx dbtx.Tx, in stepInput, free 
 		seqs = append(seqs, e.Seq)
 		subs, ok := subsOf[e.Tenant]
 		if !ok {
-			if err := sqlx.SelectContext(ctx, tx, &subs, store.SelectTenantSubscriptions, e.Tenant); err != nil {
+			if err := sqlx.SelectContext(ctx, tx, &subs, d.q.SelectTenantSubscriptions, e.Tenant); err != nil {
 				return fmt.Errorf("select subscriptions: %w", err)
 			}
 			for i := range subs {
@@ -386,7 +387,11 @@ func (d *Dispatcher) recordBatch(results []result, now time.Time) (recordBatch, 
 		// An error text can hold anything a peer sent (a certificate's
 		// names, say): make it storable in every database, and short.
 		if len(r.errText) > maxErrorText {
-			r.errText = r.errText[:maxErrorText]
+			cut := maxErrorText
+			for cut > 0 && !utf8.RuneStart(r.errText[cut]) {
+				cut-- // not inside a character
+			}
+			r.errText = r.errText[:cut]
 		}
 		r.errText = cleanText([]byte(r.errText))
 		o := d.outcome(r, now)

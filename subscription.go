@@ -403,11 +403,13 @@ func (s *Subscriptions) modify(ctx context.Context, tenant, id string, change fu
 		if wasDisabled != sub.Disabled {
 			// Disabled pauses the subscription's pending deliveries;
 			// enabled sends them again.
-			q := store.ResumeDeliveries
+			var err error
 			if sub.Disabled {
-				q = store.PauseDeliveries
+				err = pauseDeliveries(ctx, tx, sub.ID, sub.UpdatedAt)
+			} else {
+				_, err = tx.ExecContext(ctx, store.ResumeDeliveries, sub.UpdatedAt.UnixMilli(), sub.ID)
 			}
-			if _, err := tx.ExecContext(ctx, q, sub.UpdatedAt.UnixMilli(), sub.ID); err != nil {
+			if err != nil {
 				return fmt.Errorf("webhooks: update subscription %q: %w", id, err)
 			}
 		}

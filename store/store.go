@@ -108,6 +108,9 @@ type Queries struct {
 	// of objects with the keys delivery_id, attempt, started_at,
 	// duration_ms, status_code, error and response_body.
 	InsertAttempts string
+	// SelectTenantSubscriptions is SelectTenantSubscriptions, on
+	// PostgreSQL with FOR KEY SHARE (see pendingOrPaused).
+	SelectTenantSubscriptions string
 	// RecordHealth updates the health of the subscriptions of a batch of
 	// finished attempts: $1 JSON array of objects with the keys id,
 	// ok_at (the last success in the batch, or null), failed (failures
@@ -142,35 +145,37 @@ func (d Dialect) Queries() (Queries, error) {
 		// SQLite has one writer at a time: transactions begin with
 		// BEGIN IMMEDIATE, so plain selects are already exclusive.
 		return Queries{
-			SelectUnexpanded:  selectUnexpanded,
-			InsertDeliveries:  fmt.Sprintf(insertDeliveries, fmt.Sprintf(jsonRowsSQLite, deliveryFieldsSQLite)),
-			MarkExpandedBatch: fmt.Sprintf(markExpandedBatch, fmt.Sprintf(jsonArraySQLite, "$2")),
-			RecordDeliveries:  fmt.Sprintf(recordDeliveries, fmt.Sprintf(jsonRowsSQLite, recordFieldsSQLite)),
-			InsertAttempts:    fmt.Sprintf(insertAttempts, fmt.Sprintf(jsonRowsSQLite, attemptFieldsSQLite)),
-			RecordHealth:      fmt.Sprintf(recordHealth, fmt.Sprintf(jsonRowsSQLite, healthFieldsSQLite)),
-			AutoDisable:       fmt.Sprintf(autoDisable, fmt.Sprintf(jsonArraySQLite, "$5")),
-			SelectDueFirst:    fmt.Sprintf(selectDueSQLite, "= 0"),
-			SelectDueRetry:    fmt.Sprintf(selectDueSQLite, "> 0"),
-			ClaimDeliveries:   fmt.Sprintf(claimDeliveries, fmt.Sprintf(jsonArraySQLite, "$4")),
+			SelectUnexpanded:          selectUnexpanded,
+			InsertDeliveries:          fmt.Sprintf(insertDeliveries, fmt.Sprintf(jsonRowsSQLite, deliveryFieldsSQLite)),
+			MarkExpandedBatch:         fmt.Sprintf(markExpandedBatch, fmt.Sprintf(jsonArraySQLite, "$2")),
+			RecordDeliveries:          fmt.Sprintf(recordDeliveries, SQLite.PendingOrPaused(), fmt.Sprintf(jsonRowsSQLite, recordFieldsSQLite)),
+			SelectTenantSubscriptions: SelectTenantSubscriptions,
+			InsertAttempts:            fmt.Sprintf(insertAttempts, fmt.Sprintf(jsonRowsSQLite, attemptFieldsSQLite)),
+			RecordHealth:              fmt.Sprintf(recordHealth, fmt.Sprintf(jsonRowsSQLite, healthFieldsSQLite)),
+			AutoDisable:               fmt.Sprintf(autoDisable, fmt.Sprintf(jsonArraySQLite, "$5")),
+			SelectDueFirst:            fmt.Sprintf(selectDueSQLite, "= 0"),
+			SelectDueRetry:            fmt.Sprintf(selectDueSQLite, "> 0"),
+			ClaimDeliveries:           fmt.Sprintf(claimDeliveries, fmt.Sprintf(jsonArraySQLite, "$4")),
 		}, nil
 	case Postgres:
 		// Several dispatchers work side by side: each locks the rows it
 		// takes and skips those another one holds.
 		skip := fmt.Sprintf(jsonArrayPostgres, "$2")
 		return Queries{
-			LockMigrations:          `SELECT pg_advisory_xact_lock(7316101326475121)`,
-			SelectUnexpanded:        selectUnexpanded + "\nFOR UPDATE SKIP LOCKED",
-			InsertDeliveries:        fmt.Sprintf(insertDeliveries, fmt.Sprintf(jsonRowsPostgres, deliveryFieldsPostgres)),
-			MarkExpandedBatch:       markExpandedBatchPostgres,
-			RecordDeliveries:        fmt.Sprintf(recordDeliveries, fmt.Sprintf(jsonRowsPostgres, recordFieldsPostgres)),
-			InsertAttempts:          fmt.Sprintf(insertAttempts, fmt.Sprintf(jsonRowsPostgres, attemptFieldsPostgres)),
-			RecordHealth:            fmt.Sprintf(recordHealth, fmt.Sprintf(jsonRowsPostgres, healthFieldsPostgres)),
-			AutoDisable:             fmt.Sprintf(autoDisable, fmt.Sprintf(jsonArrayPostgres, "$5")),
-			SelectDueFirst:          fmt.Sprintf(selectDue, "= 0", skip) + "\nFOR UPDATE OF d SKIP LOCKED",
-			SelectDueRetry:          fmt.Sprintf(selectDue, "> 0", skip) + "\nFOR UPDATE OF d SKIP LOCKED",
-			ClaimDeliveries:         fmt.Sprintf(claimDeliveries, fmt.Sprintf(jsonArrayPostgres, "$4")),
-			LockTenantSubscriptions: `SELECT pg_advisory_xact_lock(7316, hashtext($1))`,
-			NotifyChannel:           "webhook_outbox",
+			LockMigrations:            `SELECT pg_advisory_xact_lock(7316101326475121)`,
+			SelectUnexpanded:          selectUnexpanded + "\nFOR UPDATE SKIP LOCKED",
+			InsertDeliveries:          fmt.Sprintf(insertDeliveries, fmt.Sprintf(jsonRowsPostgres, deliveryFieldsPostgres)),
+			MarkExpandedBatch:         markExpandedBatchPostgres,
+			RecordDeliveries:          fmt.Sprintf(recordDeliveries, Postgres.PendingOrPaused(), fmt.Sprintf(jsonRowsPostgres, recordFieldsPostgres)),
+			SelectTenantSubscriptions: SelectTenantSubscriptions + keySharePostgres,
+			InsertAttempts:            fmt.Sprintf(insertAttempts, fmt.Sprintf(jsonRowsPostgres, attemptFieldsPostgres)),
+			RecordHealth:              fmt.Sprintf(recordHealth, fmt.Sprintf(jsonRowsPostgres, healthFieldsPostgres)),
+			AutoDisable:               fmt.Sprintf(autoDisable, fmt.Sprintf(jsonArrayPostgres, "$5")),
+			SelectDueFirst:            fmt.Sprintf(selectDue, "= 0", skip) + "\nFOR UPDATE OF d SKIP LOCKED",
+			SelectDueRetry:            fmt.Sprintf(selectDue, "> 0", skip) + "\nFOR UPDATE OF d SKIP LOCKED",
+			ClaimDeliveries:           fmt.Sprintf(claimDeliveries, fmt.Sprintf(jsonArrayPostgres, "$4")),
+			LockTenantSubscriptions:   `SELECT pg_advisory_xact_lock(7316, hashtext($1))`,
+			NotifyChannel:             "webhook_outbox",
 		}, nil
 	}
 	return Queries{}, fmt.Errorf("%w: %q", ErrUnknownDialect, string(d))
@@ -279,11 +284,38 @@ const markExpandedBatchPostgres = `UPDATE webhook_outbox SET expanded_at = $1
 WHERE seq = ANY (ARRAY(SELECT CAST(jsonb_array_elements_text(CAST($2 AS jsonb)) AS bigint)))
   AND expanded_at IS NULL`
 
+// pendingOrPaused is the state of a delivery due again: pending, or paused
+// when its subscription is disabled. Its verb is the row lock of the
+// subscription read: on PostgreSQL FOR KEY SHARE, which waits for a
+// Subscriptions.Update in progress (FOR UPDATE) to commit, so a delivery
+// never goes paused after the enabling transaction looked for paused ones
+// (it would stay paused). It does not conflict with the dispatchers' own
+// health updates.
+const pendingOrPaused = `CASE WHEN COALESCE((SELECT s.enabled FROM webhook_subscriptions s
+        WHERE s.id = webhook_deliveries.subscription_id%s), FALSE) THEN 'pending' ELSE 'paused' END`
+
+// Row locks of the reads that decide pending or paused (see
+// pendingOrPaused).
+const (
+	keyShareSQLite   = ``
+	keySharePostgres = ` FOR KEY SHARE`
+)
+
+// PendingOrPaused returns the dialect's SQL expression for the state of a
+// delivery made due again: 'pending', or 'paused' while its subscription is
+// disabled.
+func (d Dialect) PendingOrPaused() string {
+	if d == Postgres {
+		return fmt.Sprintf(pendingOrPaused, keySharePostgres)
+	}
+	return fmt.Sprintf(pendingOrPaused, keyShareSQLite)
+}
+
 // recordDeliveries pauses a retry whose subscription was disabled while
-// the attempt was in flight.
+// the attempt was in flight. Verbs: the pendingOrPaused expression, the row
+// set.
 const recordDeliveries = `UPDATE webhook_deliveries
-SET state = CASE WHEN r.state = 'pending' AND NOT EXISTS (SELECT 1 FROM webhook_subscriptions s
-        WHERE s.id = webhook_deliveries.subscription_id AND s.enabled = TRUE) THEN 'paused' ELSE r.state END,
+SET state = CASE WHEN r.state = 'pending' THEN %s ELSE r.state END,
     attempts = webhook_deliveries.attempts + 1, next_at = r.next_at,
     claim_token = NULL, last_status = r.last_status, last_error = r.last_error,
     updated_at = r.at, delivered_at = r.delivered_at
@@ -377,11 +409,15 @@ const (
 SET state = 'canceled', claim_token = NULL, updated_at = $1
 WHERE subscription_id = $2 AND state IN ('pending', 'delivering', 'paused')`
 
-	// PauseDeliveries parks the pending deliveries of a subscription that
-	// was disabled: paused deliveries are outside the due indexes, so no
-	// claim reads them. $1 updated_at, $2 subscription_id.
+	// PauseDeliveries and PauseRetries park the pending first attempts
+	// and retries of a subscription that was disabled: paused deliveries
+	// are outside the due indexes, so no claim reads them. Each reads one
+	// due index (its conditions repeat the index's), not the
+	// subscription's history. $1 updated_at, $2 subscription_id.
 	PauseDeliveries = `UPDATE webhook_deliveries SET state = 'paused', updated_at = $1
-WHERE subscription_id = $2 AND state = 'pending'`
+WHERE subscription_id = $2 AND state IN ('pending', 'delivering') AND attempts = 0 AND state = 'pending'`
+	PauseRetries = `UPDATE webhook_deliveries SET state = 'paused', updated_at = $1
+WHERE subscription_id = $2 AND state IN ('pending', 'delivering') AND attempts > 0 AND state = 'pending'`
 
 	// ResumeDeliveries makes a re-enabled subscription's paused deliveries
 	// pending again, each due when it was: $1 updated_at, $2

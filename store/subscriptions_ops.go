@@ -66,11 +66,13 @@ ORDER BY d.id`
 FROM webhook_attempts WHERE delivery_id = $1 ORDER BY id`
 )
 
-// requeueDeliveries' verb is the expansion of the JSON array of IDs ($6).
+// requeueDeliveries' verbs: the pendingOrPaused expression (a disabled
+// subscription's deliveries stay paused), the expansion of the JSON array of
+// IDs ($6).
 const requeueDeliveries = `UPDATE webhook_deliveries
-SET state = 'pending', next_at = $1, updated_at = $1, claim_token = NULL,
+SET state = %s, next_at = $1, updated_at = $1, claim_token = NULL,
     attempts = CASE WHEN $2 THEN 0 ELSE attempts END
-WHERE (state = 'dead' OR (state = 'succeeded' AND $3) OR (state = 'pending' AND attempts > 0 AND $4))
+WHERE (state = 'dead' OR (state = 'succeeded' AND $3) OR (state IN ('pending', 'paused') AND attempts > 0 AND $4))
   AND tenant = $5 AND id IN (%s)
   AND EXISTS (SELECT 1 FROM webhook_subscriptions s WHERE s.id = webhook_deliveries.subscription_id)
   AND EXISTS (SELECT 1 FROM webhook_outbox e WHERE e.id = webhook_deliveries.event_id)`
@@ -99,12 +101,12 @@ func (d Dialect) OpsQueries() (OpsQueries, error) {
 	case SQLite:
 		return OpsQueries{
 			SelectSubscriptionForUpdate: SelectSubscriptionFull,
-			RequeueDeliveries:           fmt.Sprintf(requeueDeliveries, fmt.Sprintf(jsonArraySQLite, "$6")),
+			RequeueDeliveries:           fmt.Sprintf(requeueDeliveries, SQLite.PendingOrPaused(), fmt.Sprintf(jsonArraySQLite, "$6")),
 		}, nil
 	case Postgres:
 		return OpsQueries{
 			SelectSubscriptionForUpdate: SelectSubscriptionFull + "\nFOR UPDATE",
-			RequeueDeliveries:           fmt.Sprintf(requeueDeliveries, fmt.Sprintf(jsonArrayPostgres, "$6")),
+			RequeueDeliveries:           fmt.Sprintf(requeueDeliveries, Postgres.PendingOrPaused(), fmt.Sprintf(jsonArrayPostgres, "$6")),
 		}, nil
 	}
 	return OpsQueries{}, fmt.Errorf("%w: %q", ErrUnknownDialect, string(d))

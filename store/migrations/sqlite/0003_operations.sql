@@ -17,3 +17,8 @@ CREATE INDEX webhook_deliveries_finished ON webhook_deliveries (updated_at)
     WHERE state IN ('succeeded', 'dead', 'canceled');
 CREATE INDEX webhook_outbox_expanded ON webhook_outbox (expanded_at)
     WHERE expanded_at IS NOT NULL;
+
+-- Paused deliveries (of disabled subscriptions), found per subscription when
+-- it is enabled again; only paused rows are in it.
+CREATE INDEX webhook_deliveries_paused ON webhook_deliveries (subscription_id)
+    WHERE state = 'paused';
