@@ -231,7 +231,7 @@ func (d *Dispatcher) deliver(ctx context.Context, j *job) result {
 	begin := time.Now()
 	defer func() { r.duration = time.Since(begin) }()
 
-	sig, err := d.signers.get(j.Secrets, now)
+	sig, err := signerFor(&d.signers, j.Secrets, now)
 	if err != nil {
 		r.err, r.errText = err, "cannot sign: "+err.Error()
 		r.duration = time.Since(begin)
@@ -250,14 +250,15 @@ func (d *Dispatcher) deliver(ctx context.Context, j *job) result {
 		// The subscription's static headers go first: the ones below,
 		// which the library owns, override any of the same name (names are
 		// validated and canonical when stored).
-		var static map[string]string
-		if err := json.Unmarshal([]byte(j.Headers), &static); err != nil {
-			r.err, r.errText = err, "invalid stored headers: "+err.Error()
+		h := d.headers.get(j.Headers, func(headersEntry) bool { return true },
+			func() headersEntry { return parseHeaders(j.Headers) })
+		if h.err != nil {
+			r.err, r.errText = h.err, "invalid stored headers: "+h.err.Error()
 			r.duration = time.Since(begin)
 			return r
 		}
-		for k, v := range static {
-			req.Header[http.CanonicalHeaderKey(k)] = []string{v}
+		for k, v := range h.header {
+			req.Header[k] = []string{v[0]}
 		}
 	}
 	ts := now.Unix()
@@ -297,6 +298,25 @@ func (d *Dispatcher) deliver(ctx context.Context, j *job) result {
 	}
 	r.duration = time.Since(begin)
 	return r
+}
+
+// headersEntry is a subscription's stored headers column, parsed (one value
+// per name). Its header is shared between deliveries: copy, never change.
+type headersEntry struct {
+	header http.Header
+	err    error
+}
+
+func parseHeaders(column string) headersEntry {
+	var static map[string]string
+	if err := json.Unmarshal([]byte(column), &static); err != nil {
+		return headersEntry{err: err}
+	}
+	h := make(http.Header, len(static))
+	for k, v := range static {
+		h[http.CanonicalHeaderKey(k)] = []string{v}
+	}
+	return headersEntry{header: h}
 }
 
 // transportError describes a failed request without repeating the URL.

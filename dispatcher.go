@@ -41,8 +41,9 @@ type Dispatcher struct {
 	stopping chan struct{} // closed by Shutdown: claim nothing more
 	done     chan struct{} // closed when Run has returned
 
-	signers  signerCache
-	excerpts sync.Pool // *[]byte of ResponseExcerptBytes, for response excerpts
+	signers  columnCache[signerEntry]  // by stored secrets column
+	headers  columnCache[headersEntry] // by stored headers column
+	excerpts sync.Pool                 // *[]byte of ResponseExcerptBytes, for response excerpts
 
 	// retryTurn says the next claim that finds both first attempts and
 	// retries due starts with a retry.
@@ -356,13 +357,9 @@ func (l *loop) step(free int, claim, expand, probe bool) {
 		}
 	}
 	in.expand = expand
-	var skipped []string // the subscriptions the claim skips
+	var skipped []string // the subscriptions the claim skips at their cap
 	if claim {
-		for s, n := range l.perSub {
-			if n >= d.cfg.MaxInFlightPerSubscription {
-				skipped = append(skipped, s)
-			}
-		}
+		skipped = d.capped(l.perSub)
 	}
 	out, err := d.step(l.ctx, in)
 	l.check("dispatch step", err)

@@ -337,13 +337,18 @@ func (d *Dispatcher) claim(ctx context.Context, tx dbtx.Tx, in *stepInput, taken
 // skipJSON lists the subscriptions at their in-flight cap or held back by
 // their limiter, which claims skip.
 func (d *Dispatcher) skipJSON(perSub map[string]int, lim *limiter, now time.Time) string {
-	ids := append(make([]string, 0, len(perSub)), lim.blocked(now)...)
+	return idsJSON(append(d.capped(perSub), lim.blocked(now)...))
+}
+
+// capped lists the subscriptions at their in-flight cap.
+func (d *Dispatcher) capped(perSub map[string]int) []string {
+	ids := make([]string, 0, len(perSub))
 	for s, n := range perSub {
 		if n >= d.cfg.MaxInFlightPerSubscription {
 			ids = append(ids, s)
 		}
 	}
-	return idsJSON(ids)
+	return ids
 }
 
 // maxErrorText bounds a recorded attempt's error text (bytes).

@@ -308,3 +308,10 @@ func testRecord(ctx context.Context, d *Dispatcher, results []result) error {
 	_, err := d.step(ctx, stepInput{results: results, perSub: map[string]int{}})
 	return err
 }
+
+// activeSecrets returns the secrets that sign at time now: the current one
+// first, then those being rotated out that have not expired.
+func activeSecrets(column string, now time.Time) ([]string, error) {
+	active, _, err := activeSecretsUntil(column, now.UnixMilli())
+	return active, err
+}

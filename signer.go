@@ -473,14 +473,38 @@ func verifyFailureResponse(err error) (int, string) {
 	}
 }
 
-// signerCache keeps one signer per stored secrets column, so the hot path
-// neither parses secrets nor builds fresh HMAC states for every delivery.
-// Safe for concurrent use.
-type signerCache struct {
+// columnCache memoizes what the dispatcher derives from a stored column
+// (a subscription's secrets, its headers), so the hot path does not parse
+// the same JSON for every delivery. It holds at most columnCacheMax entries
+// and starts over past that. Safe for concurrent use.
+type columnCache[V any] struct {
 	mu      sync.Mutex
-	entries map[string]signerEntry
+	entries map[string]V
 }
 
+// columnCacheMax bounds a columnCache.
+const columnCacheMax = 4096
+
+// get returns the value cached for column while fresh says it is still
+// good, and otherwise builds, caches and returns a new one.
+func (c *columnCache[V]) get(column string, fresh func(V) bool, build func() V) V {
+	c.mu.Lock()
+	v, ok := c.entries[column]
+	c.mu.Unlock()
+	if ok && fresh(v) {
+		return v
+	}
+	v = build()
+	c.mu.Lock()
+	if c.entries == nil || len(c.entries) >= columnCacheMax {
+		c.entries = make(map[string]V)
+	}
+	c.entries[column] = v
+	c.mu.Unlock()
+	return v
+}
+
+// signerEntry is a cached signer for one stored secrets column.
 type signerEntry struct {
 	sig *signer
 	err error
@@ -489,26 +513,12 @@ type signerEntry struct {
 	until int64
 }
 
-// signerCacheMax bounds the cache; past it the cache starts over.
-const signerCacheMax = 4096
-
-// get returns the signer for the secrets stored in column (a JSON array, see
-// storedSecret) at time now.
-func (c *signerCache) get(column string, now time.Time) (*signer, error) {
+// signerFor returns the signer for the secrets stored in column (a JSON
+// array, see storedSecret) at time now, from cache.
+func signerFor(c *columnCache[signerEntry], column string, now time.Time) (*signer, error) {
 	ms := now.UnixMilli()
-	c.mu.Lock()
-	e, ok := c.entries[column]
-	c.mu.Unlock()
-	if ok && ms < e.until {
-		return e.sig, e.err
-	}
-	e = buildSignerEntry(column, ms)
-	c.mu.Lock()
-	if c.entries == nil || len(c.entries) >= signerCacheMax {
-		c.entries = make(map[string]signerEntry)
-	}
-	c.entries[column] = e
-	c.mu.Unlock()
+	e := c.get(column, func(e signerEntry) bool { return ms < e.until },
+		func() signerEntry { return buildSignerEntry(column, ms) })
 	return e.sig, e.err
 }
 

@@ -445,13 +445,6 @@ func (s *Subscriptions) Delete(ctx context.Context, tenant, id string) error {
 	})
 }
 
-// activeSecrets returns the secrets that sign at time now: the current one
-// first, then those being rotated out that have not expired.
-func activeSecrets(column string, now time.Time) ([]string, error) {
-	active, _, err := activeSecretsUntil(column, now.UnixMilli())
-	return active, err
-}
-
 func toRow(sub *Subscription) *subscriptionRow {
 	types, _ := json.Marshal(sub.EventTypes)
 	secrets, _ := json.Marshal(append([]storedSecret{{Secret: sub.Secret}}, sub.previous...))
