@@ -146,12 +146,12 @@ func (d Dialect) Queries() (Queries, error) {
 		// BEGIN IMMEDIATE, so plain selects are already exclusive.
 		return Queries{
 			SelectUnexpanded:          selectUnexpanded,
-			InsertDeliveries:          fmt.Sprintf(insertDeliveries, fmt.Sprintf(jsonRowsSQLite, deliveryFieldsSQLite)),
+			InsertDeliveries:          fmt.Sprintf(insertDeliveries, SQLite.jsonRows(newDeliveryRow)),
 			MarkExpandedBatch:         fmt.Sprintf(markExpandedBatch, fmt.Sprintf(jsonArraySQLite, "$2")),
-			RecordDeliveries:          fmt.Sprintf(recordDeliveries, SQLite.PendingOrPaused(), fmt.Sprintf(jsonRowsSQLite, recordFieldsSQLite)),
+			RecordDeliveries:          fmt.Sprintf(recordDeliveries, SQLite.PendingOrPaused(), SQLite.jsonRows(outcomeRow)),
 			SelectTenantSubscriptions: SelectTenantSubscriptions,
-			InsertAttempts:            fmt.Sprintf(insertAttempts, fmt.Sprintf(jsonRowsSQLite, attemptFieldsSQLite)),
-			RecordHealth:              fmt.Sprintf(recordHealth, fmt.Sprintf(jsonRowsSQLite, healthFieldsSQLite)),
+			InsertAttempts:            fmt.Sprintf(insertAttempts, SQLite.jsonRows(attemptRow)),
+			RecordHealth:              fmt.Sprintf(recordHealth, SQLite.jsonRows(healthRow)),
 			AutoDisable:               fmt.Sprintf(autoDisable, fmt.Sprintf(jsonArraySQLite, "$5")),
 			SelectDueFirst:            fmt.Sprintf(selectDueSQLite, "= 0"),
 			SelectDueRetry:            fmt.Sprintf(selectDueSQLite, "> 0"),
@@ -164,12 +164,12 @@ func (d Dialect) Queries() (Queries, error) {
 		return Queries{
 			LockMigrations:            `SELECT pg_advisory_xact_lock(7316101326475121)`,
 			SelectUnexpanded:          selectUnexpanded + "\nFOR UPDATE SKIP LOCKED",
-			InsertDeliveries:          fmt.Sprintf(insertDeliveries, fmt.Sprintf(jsonRowsPostgres, deliveryFieldsPostgres)),
+			InsertDeliveries:          fmt.Sprintf(insertDeliveries, Postgres.jsonRows(newDeliveryRow)),
 			MarkExpandedBatch:         markExpandedBatchPostgres,
-			RecordDeliveries:          fmt.Sprintf(recordDeliveries, Postgres.PendingOrPaused(), fmt.Sprintf(jsonRowsPostgres, recordFieldsPostgres)),
+			RecordDeliveries:          fmt.Sprintf(recordDeliveries, Postgres.PendingOrPaused(), Postgres.jsonRows(outcomeRow)),
 			SelectTenantSubscriptions: SelectTenantSubscriptions + keySharePostgres,
-			InsertAttempts:            fmt.Sprintf(insertAttempts, fmt.Sprintf(jsonRowsPostgres, attemptFieldsPostgres)),
-			RecordHealth:              fmt.Sprintf(recordHealth, fmt.Sprintf(jsonRowsPostgres, healthFieldsPostgres)),
+			InsertAttempts:            fmt.Sprintf(insertAttempts, Postgres.jsonRows(attemptRow)),
+			RecordHealth:              fmt.Sprintf(recordHealth, Postgres.jsonRows(healthRow)),
 			AutoDisable:               fmt.Sprintf(autoDisable, fmt.Sprintf(jsonArrayPostgres, "$5")),
 			SelectDueFirst:            fmt.Sprintf(selectDue, "= 0", skip) + "\nFOR UPDATE OF d SKIP LOCKED",
 			SelectDueRetry:            fmt.Sprintf(selectDue, "> 0", skip) + "\nFOR UPDATE OF d SKIP LOCKED",
@@ -236,36 +236,38 @@ JOIN webhook_subscriptions s ON s.id = d.subscription_id
 JOIN webhook_outbox e ON e.id = d.event_id
 ORDER BY due.next_at, due.rid`
 
-// Set-based statements take their rows as one JSON array parameter, so a
-// batch costs one statement whatever its size. jsonRowsSQLite and
-// jsonRowsPostgres turn that array ($1) into a row set with the named
-// columns; the field lists below name the keys and (for PostgreSQL) their
-// types.
-const (
-	jsonRowsSQLite   = `SELECT %s FROM json_each($1)`
-	jsonRowsPostgres = `SELECT * FROM jsonb_to_recordset(CAST($1 AS jsonb)) AS r(%s)`
+// Set-based statements take their rows as one JSON array parameter ($1), so
+// a batch costs one statement whatever its size. jsonRows turns that array
+// into a row set with the named columns: on SQLite by extracting each key,
+// on PostgreSQL with jsonb_to_recordset and the columns' types.
+type column struct{ name, pgType string }
 
-	deliveryFieldsSQLite = `value->>'id' AS id, value->>'event_id' AS event_id,
-       value->>'subscription_id' AS subscription_id, value->>'tenant' AS tenant,
-       value->>'state' AS state, value->>'next_at' AS next_at,
-       value->>'claim_token' AS claim_token, value->>'at' AS at`
-	deliveryFieldsPostgres = `id text, event_id text, subscription_id text, tenant text, state text,
-       next_at bigint, claim_token text, at bigint`
-
-	recordFieldsSQLite = `value->>'id' AS id, value->>'claim_token' AS claim_token,
-       value->>'state' AS state, value->>'next_at' AS next_at,
-       value->>'last_status' AS last_status, value->>'last_error' AS last_error,
-       value->>'at' AS at, value->>'delivered_at' AS delivered_at`
-	recordFieldsPostgres = `id text, claim_token text, state text, next_at bigint, last_status integer,
-       last_error text, at bigint, delivered_at bigint`
-
-	attemptFieldsSQLite = `value->>'delivery_id' AS delivery_id, value->>'attempt' AS attempt,
-       value->>'started_at' AS started_at, value->>'duration_ms' AS duration_ms,
-       value->>'status_code' AS status_code, value->>'error' AS error,
-       value->>'response_body' AS response_body`
-	attemptFieldsPostgres = `delivery_id text, attempt integer, started_at bigint, duration_ms bigint,
-       status_code integer, error text, response_body text`
+// The columns of each set-based statement's rows.
+var (
+	newDeliveryRow = []column{{"id", "text"}, {"event_id", "text"}, {"subscription_id", "text"},
+		{"tenant", "text"}, {"state", "text"}, {"next_at", "bigint"}, {"claim_token", "text"}, {"at", "bigint"}}
+	outcomeRow = []column{{"id", "text"}, {"claim_token", "text"}, {"state", "text"}, {"next_at", "bigint"},
+		{"last_status", "integer"}, {"last_error", "text"}, {"at", "bigint"}, {"delivered_at", "bigint"}}
+	attemptRow = []column{{"delivery_id", "text"}, {"attempt", "integer"}, {"started_at", "bigint"},
+		{"duration_ms", "bigint"}, {"status_code", "integer"}, {"error", "text"}, {"response_body", "text"}}
+	healthRow = []column{{"id", "text"}, {"ok_at", "bigint"}, {"failed", "integer"}, {"fail_at", "bigint"}}
 )
+
+// jsonRows is the dialect's row set of the JSON array $1 (see column).
+func (d Dialect) jsonRows(cols []column) string {
+	parts := make([]string, len(cols))
+	for i, c := range cols {
+		if d == SQLite {
+			parts[i] = fmt.Sprintf("value->>'%s' AS %s", c.name, c.name)
+		} else {
+			parts[i] = c.name + " " + c.pgType
+		}
+	}
+	if d == SQLite {
+		return "SELECT " + strings.Join(parts, ", ") + " FROM json_each($1)"
+	}
+	return "SELECT * FROM jsonb_to_recordset(CAST($1 AS jsonb)) AS r(" + strings.Join(parts, ", ") + ")"
+}
 
 // insertDeliveries' verb is the row set. (WHERE TRUE tells SQLite's parser
 // that ON CONFLICT belongs to the INSERT, not to a join.)
@@ -327,12 +329,6 @@ const insertAttempts = `INSERT INTO webhook_attempts
     (delivery_id, attempt, started_at, duration_ms, status_code, error, response_body)
 SELECT delivery_id, attempt, started_at, duration_ms, status_code, error, response_body
 FROM (%s) AS r`
-
-const (
-	healthFieldsSQLite = `value->>'id' AS id, value->>'ok_at' AS ok_at,
-       value->>'failed' AS failed, value->>'fail_at' AS fail_at`
-	healthFieldsPostgres = `id text, ok_at bigint, failed integer, fail_at bigint`
-)
 
 // recordHealth's verb is the row set. A batch with a success starts the
 // count over from the failures after it.
