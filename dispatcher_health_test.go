@@ -414,3 +414,64 @@ func TestRecordDuringEnableIsNotLeftPaused(t *testing.T) {
 		t.Fatalf("the retry of a just enabled subscription is not pending (paused for good?)")
 	}
 }
+
+// TestUpdateSurvivesDeadlockWithRecording: a dispatcher step that has
+// recorded a delivery (its row locked) and then updates the subscription's
+// health, against Subscriptions.Update disabling that subscription (its row
+// locked, then its deliveries paused), lock in opposite orders. PostgreSQL
+// aborts one of them; when that is the Update, it runs again and succeeds
+// instead of handing the deadlock to its caller.
+func TestUpdateSurvivesDeadlockWithRecording(t *testing.T) {
+	ctx := context.Background()
+	db := openPostgresTestDB(t)
+	subs := newTestSubscriptions(t, db, nil)
+	sub := seedSubscription(t, subs, "acme")
+	dlv, _ := seedDelivery(t, db, sub, DeliveryPending, 0, time.Now())
+
+	// The step, by hand: the delivery's row first. Its deadlock_timeout is
+	// longer than the server's, so the Update, which waits first, is the
+	// one PostgreSQL finds in the deadlock and aborts.
+	step, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer step.Rollback()
+	var pid int
+	if err := step.QueryRow(`SELECT pg_backend_pid()`).Scan(&pid); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := step.Exec(`SET LOCAL deadlock_timeout = '10s'`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := step.Exec(`UPDATE webhook_deliveries SET updated_at = updated_at + 1 WHERE id = $1`, dlv); err != nil {
+		t.Fatal(err)
+	}
+
+	updated := make(chan error, 1)
+	yes := true
+	go func() {
+		_, err := subs.Update(ctx, "acme", sub.ID, SubscriptionUpdate{Disabled: &yes})
+		updated <- err
+	}()
+	waitUntil(t, "the Update to wait for the step's delivery row", func() bool {
+		return countRows(t, db, `SELECT COUNT(*) FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid))`, pid) > 0
+	})
+	// The step's health update now waits for the Update's subscription
+	// lock: a deadlock, which aborts the Update's first attempt.
+	if _, err := step.Exec(`UPDATE webhook_subscriptions SET last_success_at = $1 WHERE id = $2`, time.Now().UnixMilli(), sub.ID); err != nil {
+		t.Fatalf("the step was aborted instead of the Update: %v", err)
+	}
+	if err := step.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-updated; err != nil {
+		t.Fatalf("Update: %v", err)
+	}
+	got, err := subs.Get(ctx, "acme", sub.ID)
+	if err != nil || !got.Disabled {
+		t.Fatalf("after Update: disabled %v, %v", got.Disabled, err)
+	}
+	if n := countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries WHERE id = $1 AND state = 'paused'`, dlv); n != 1 {
+		t.Fatalf("delivery %s, want paused", deliveryRowState(t, db, dlv))
+	}
+}

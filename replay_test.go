@@ -18,6 +18,17 @@ type execer interface {
 	Exec(query string, args ...any) (sql.Result, error)
 }
 
+// seedSubscription creates a subscription of tenant to every event type,
+// at an endpoint that no test reaches: for deliveries seeded by hand.
+func seedSubscription(t testing.TB, subs *Subscriptions, tenant string) Subscription {
+	t.Helper()
+	sub, err := subs.Create(context.Background(), Subscription{Tenant: tenant, URL: "https://example.com/h", EventTypes: []string{"*"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sub
+}
+
 // seedDelivery stores an event of sub's tenant and its delivery to sub in
 // state, with attempts failed attempts (HTTP 503) in its log, created at
 // createdAt, as the dispatcher would have left them. It returns the delivery
@@ -92,14 +103,7 @@ func TestReplayScopesAndWindow(t *testing.T) {
 		clock := newFakeClock()
 		subs := newTestSubscriptions(t, db, clock)
 		ctx := context.Background()
-		newSub := func(tenant string) Subscription {
-			s, err := subs.Create(ctx, Subscription{Tenant: tenant, URL: "https://example.com/h", EventTypes: []string{"*"}})
-			if err != nil {
-				t.Fatal(err)
-			}
-			return s
-		}
-		sub, sibling, foreign := newSub("acme"), newSub("acme"), newSub("globex")
+		sub, sibling, foreign := seedSubscription(t, subs, "acme"), seedSubscription(t, subs, "acme"), seedSubscription(t, subs, "globex")
 		old, recent := clock.Now().Add(-2*time.Hour), clock.Now().Add(-time.Hour)
 		type seeded struct{ id, event string }
 		seed := map[string]seeded{}
@@ -187,10 +191,7 @@ func TestReplayRefusals(t *testing.T) {
 		clock := newFakeClock()
 		subs := newTestSubscriptions(t, db, clock)
 		ctx := context.Background()
-		sub, err := subs.Create(ctx, Subscription{Tenant: "acme", URL: "https://example.com/h", EventTypes: []string{"*"}})
-		if err != nil {
-			t.Fatal(err)
-		}
+		sub := seedSubscription(t, subs, "acme")
 		dead, event := seedDelivery(t, db, sub, DeliveryDead, 3, clock.Now().Add(-time.Hour))
 		before := deliveryRowState(t, db, dead)
 		now := clock.Now()
@@ -244,10 +245,7 @@ func TestReplayWorksInBatches(t *testing.T) {
 		clock := newFakeClock()
 		subs := newTestSubscriptions(t, db, clock)
 		ctx := context.Background()
-		sub, err := subs.Create(ctx, Subscription{Tenant: "acme", URL: "https://example.com/h", EventTypes: []string{"*"}})
-		if err != nil {
-			t.Fatal(err)
-		}
+		sub := seedSubscription(t, subs, "acme")
 		const n = 2*ReplayBatchSize + 7
 		tx, err := db.Begin()
 		if err != nil {

@@ -5,6 +5,7 @@ package dbtx
 import (
 	"context"
 	"database/sql/driver"
+	"errors"
 	"fmt"
 
 	"github.com/jmoiron/sqlx"
@@ -17,20 +18,20 @@ import (
 // transaction that reads and then writes fails with SQLITE_BUSY, without
 // waiting, when another connection wrote in between; an immediate one waits
 // for the write lock under the busy timeout instead.
+//
+// Without immediate (PostgreSQL), a transaction that the server aborts as a
+// deadlock victim or a serialization failure is run again, up to
+// MaxAttempts in all, as the PostgreSQL manual advises: the other
+// transaction has gone on by then. fn must therefore be safe to call again:
+// it starts from scratch each time.
 func Run(ctx context.Context, db *sqlx.DB, immediate bool, fn func(tx Tx) error) error {
 	if !immediate {
-		tx, err := db.BeginTxx(ctx, nil)
-		if err != nil {
-			return fmt.Errorf("begin: %w", err)
+		for attempt := 1; ; attempt++ {
+			err := runDeferred(ctx, db, fn)
+			if attempt == MaxAttempts || !Retryable(err) || ctx.Err() != nil {
+				return err
+			}
 		}
-		if err := fn(tx); err != nil {
-			_ = tx.Rollback()
-			return err
-		}
-		if err := tx.Commit(); err != nil {
-			return fmt.Errorf("commit: %w", err)
-		}
-		return nil
 	}
 
 	conn, err := db.Connx(ctx)
@@ -49,6 +50,38 @@ func Run(ctx context.Context, db *sqlx.DB, immediate bool, fn func(tx Tx) error)
 	// leave the connection inside a transaction.
 	if _, err := conn.ExecContext(context.Background(), "COMMIT"); err != nil {
 		rollback(conn)
+		return fmt.Errorf("commit: %w", err)
+	}
+	return nil
+}
+
+// MaxAttempts bounds how many times Run runs a transaction that keeps
+// failing as a deadlock victim or by a serialization failure.
+const MaxAttempts = 3
+
+// Retryable reports whether err aborted a transaction that can simply be
+// run again: SQLSTATE 40P01 (deadlock detected) or 40001 (serialization
+// failure). The drivers' errors tell their SQLSTATE through a SQLState
+// method (pgconn.PgError does), so no driver is imported here.
+func Retryable(err error) bool {
+	var e interface{ SQLState() string }
+	if !errors.As(err, &e) {
+		return false
+	}
+	code := e.SQLState()
+	return code == "40P01" || code == "40001"
+}
+
+func runDeferred(ctx context.Context, db *sqlx.DB, fn func(tx Tx) error) error {
+	tx, err := db.BeginTxx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("begin: %w", err)
+	}
+	if err := fn(tx); err != nil {
+		_ = tx.Rollback()
+		return err
+	}
+	if err := tx.Commit(); err != nil {
 		return fmt.Errorf("commit: %w", err)
 	}
 	return nil
