@@ -168,17 +168,14 @@ VALUES (?1, 1, ?2, 1, 200, '', '')`)
 			if err != nil {
 				return err
 			}
-			for _, w := range []struct {
-				st   *sqlx.Stmt
-				args []any
-			}{
-				{ins, []any{id, e.ID, subID, e.Tenant, now}},
-				{att, []any{id, now}},
-				{mark, []any{now, e.Seq}},
-			} {
-				if _, err := w.st.ExecContext(ctx, w.args...); err != nil {
-					return err
-				}
+			if _, err := ins.ExecContext(ctx, id, e.ID, subID, e.Tenant, now); err != nil {
+				return err
+			}
+			if _, err := att.ExecContext(ctx, id, now); err != nil {
+				return err
+			}
+			if _, err := mark.ExecContext(ctx, now, e.Seq); err != nil {
+				return err
 			}
 		}
 		return nil
