@@ -475,3 +475,59 @@ func TestUpdateSurvivesDeadlockWithRecording(t *testing.T) {
 		t.Fatalf("delivery %s, want paused", deliveryRowState(t, db, dlv))
 	}
 }
+
+// A batch that records a lost claim (here: the subscription was deleted
+// while its delivery was in flight) still raises the operational events of
+// the other deliveries it records: only the lost one is left out.
+func TestLostClaimLeavesTheBatchsOtherEventsAlone(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, openTestDB func(testing.TB) *sql.DB) {
+		ctx := context.Background()
+		db := openTestDB(t)
+		subs := newTestSubscriptions(t, db, nil)
+		rc := newReceiver(t, nil)
+		gone := mustSubscribe(t, subs, rc, "acme", "*")
+		kept := mustSubscribe(t, subs, rc, "acme", "*")
+		d, err := NewDispatcher(db, allowLoopback(Config{RetryPolicy: immediateRetry{max: 1}}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		publishTx(t, db, Event{Type: "a.b", Tenant: "acme"})
+		if _, err := testExpand(ctx, d); err != nil {
+			t.Fatal(err)
+		}
+		jobs, _, err := testClaim(ctx, d, 2, map[string]int{}, false)
+		if err != nil || len(jobs) != 2 {
+			t.Fatalf("claim: %d %v", len(jobs), err)
+		}
+		if err := subs.Delete(ctx, "acme", gone.ID); err != nil {
+			t.Fatal(err)
+		}
+		// Both attempts fail for good (one attempt allowed).
+		var results []result
+		for _, j := range jobs {
+			results = append(results, result{job: j, started: time.Now(), status: 500, errText: "HTTP 500"})
+		}
+		out, err := d.step(ctx, stepInput{results: results, perSub: map[string]int{}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var exhausted []string
+		for _, op := range out.ops {
+			if op.Type == OpDeliveryExhausted {
+				exhausted = append(exhausted, op.SubscriptionID)
+			}
+		}
+		if len(exhausted) != 1 || exhausted[0] != kept.ID {
+			t.Fatalf("delivery.exhausted raised for %v, want only the kept subscription %s", exhausted, kept.ID)
+		}
+		if n := countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries WHERE subscription_id = $1 AND state = 'dead'`, kept.ID); n != 1 {
+			t.Fatalf("kept subscription: %d dead deliveries, want 1", n)
+		}
+		if n := countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries WHERE subscription_id = $1 AND state = 'canceled'`, gone.ID); n != 1 {
+			t.Fatalf("deleted subscription: %d canceled deliveries, want 1 (left as the delete made it)", n)
+		}
+		if n := countRows(t, db, `SELECT COUNT(*) FROM webhook_attempts`); n != 2 {
+			t.Fatalf("%d attempts recorded, want both (2)", n)
+		}
+	})
+}

@@ -2,7 +2,6 @@ package webhooks
 
 import (
 	"context"
-	"database/sql"
 	"encoding/json"
 	"fmt"
 	"log/slog"
@@ -430,15 +429,13 @@ func (d *Dispatcher) recordBatch(results []result, now time.Time) (recordBatch, 
 // subscriptions disabled (by 410 Gone or by failing too long). It returns
 // the operational events to raise once the transaction commits.
 func (d *Dispatcher) record(ctx context.Context, tx dbtx.Tx, results []result, b recordBatch, now time.Time) ([]OperationalEvent, error) {
-	res, err := tx.ExecContext(ctx, d.q.RecordDeliveries, b.deliveries)
-	if err != nil {
+	var recorded []string
+	if err := sqlx.SelectContext(ctx, tx, &recorded, d.q.RecordDeliveries, b.deliveries); err != nil {
 		return nil, fmt.Errorf("update deliveries: %w", err)
 	}
 	var lost map[string]bool
-	if n, err := res.RowsAffected(); err != nil {
-		return nil, fmt.Errorf("update deliveries: %w", err)
-	} else if n < int64(len(results)) {
-		lost = d.lostClaims(ctx, tx, results)
+	if len(recorded) < len(results) {
+		lost = d.lostClaims(results, recorded)
 	}
 	if _, err := tx.ExecContext(ctx, d.q.InsertAttempts, b.attempts); err != nil {
 		return nil, fmt.Errorf("insert attempts: %w", err)
@@ -458,17 +455,20 @@ func (d *Dispatcher) record(ctx context.Context, tx dbtx.Tx, results []result, b
 	return ops, nil
 }
 
-// lostClaims returns (and logs) the finished attempts whose delivery was
-// claimed again (its lease lapsed) or canceled while in flight: their
-// attempts are recorded, but the delivery's state was left as it was.
-func (d *Dispatcher) lostClaims(ctx context.Context, tx dbtx.Tx, results []result) map[string]bool {
+// lostClaims returns (and logs) the finished attempts whose delivery the
+// update did not record (it is not among recorded): it was claimed again
+// (its lease lapsed) or canceled while in flight. Their attempts are
+// recorded, but the delivery's state was left as it was.
+func (d *Dispatcher) lostClaims(results []result, recorded []string) map[string]bool {
+	ok := make(map[string]bool, len(recorded))
+	for _, id := range recorded {
+		ok[id] = true
+	}
 	lost := map[string]bool{}
 	for i := range results {
 		j := results[i].job
-		var token sql.NullString
-		err := sqlx.GetContext(ctx, tx, &token, store.SelectClaimToken, j.DeliveryID)
-		if err == nil && token.Valid && token.String == j.claimToken {
-			continue // it was recorded
+		if ok[j.DeliveryID] {
+			continue
 		}
 		lost[j.DeliveryID] = true
 		d.log.Warn("webhooks: delivery was claimed again or canceled while in flight; attempt recorded, state left as is",

@@ -102,7 +102,8 @@ type Queries struct {
 	// each only while the recording dispatcher still holds the claim: $1
 	// JSON array of objects with the keys
 	// id, claim_token, state, next_at, last_status, last_error, at (the time now) and
-	// delivered_at (null unless succeeded).
+	// delivered_at (null unless succeeded). Returns the id of each delivery
+	// it recorded.
 	RecordDeliveries string
 	// InsertAttempts records many attempts in one statement: $1 JSON array
 	// of objects with the keys delivery_id, attempt, started_at,
@@ -323,7 +324,8 @@ SET state = CASE WHEN r.state = 'pending' THEN %s ELSE r.state END,
     updated_at = r.at, delivered_at = r.delivered_at
 FROM (%s) AS r
 WHERE webhook_deliveries.id = r.id AND webhook_deliveries.claim_token = r.claim_token
-  AND webhook_deliveries.state = 'delivering'`
+  AND webhook_deliveries.state = 'delivering'
+RETURNING webhook_deliveries.id`
 
 const insertAttempts = `INSERT INTO webhook_attempts
     (delivery_id, attempt, started_at, duration_ms, status_code, error, response_body)
@@ -374,10 +376,6 @@ FROM webhook_subscriptions WHERE tenant = $1`
     (id, event_id, subscription_id, tenant, state, attempts, next_at, created_at, updated_at)
 VALUES ($1, $2, $3, $4, 'pending', 0, $5, $6, $7)
 ON CONFLICT (event_id, subscription_id) DO NOTHING`
-
-	// SelectClaimToken: $1 delivery id. The delivery's claim token (NULL
-	// when not claimed).
-	SelectClaimToken = `SELECT claim_token FROM webhook_deliveries WHERE id = $1`
 
 	// ProbeUnexpanded returns the ID of an unexpanded event, if any.
 	ProbeUnexpanded = `SELECT id FROM webhook_outbox WHERE expanded_at IS NULL ORDER BY seq LIMIT 1`
