@@ -429,12 +429,23 @@ func (d *Dispatcher) recordBatch(results []result, now time.Time) (recordBatch, 
 // subscriptions disabled (by 410 Gone or by failing too long). It returns
 // the operational events to raise once the transaction commits.
 func (d *Dispatcher) record(ctx context.Context, tx dbtx.Tx, results []result, b recordBatch, now time.Time) ([]OperationalEvent, error) {
-	var recorded []string
-	if err := sqlx.SelectContext(ctx, tx, &recorded, d.q.RecordDeliveries, b.deliveries); err != nil {
+	res, err := tx.ExecContext(ctx, d.q.RecordDeliveries, b.deliveries)
+	if err != nil {
 		return nil, fmt.Errorf("update deliveries: %w", err)
 	}
 	var lost map[string]bool
-	if len(recorded) < len(results) {
+	if n, err := res.RowsAffected(); err != nil {
+		return nil, fmt.Errorf("update deliveries: %w", err)
+	} else if n < int64(len(results)) {
+		// Rare: find out which ones the update recorded.
+		ids := make([]string, len(results))
+		for i := range results {
+			ids[i] = results[i].job.DeliveryID
+		}
+		var recorded []string
+		if err := sqlx.SelectContext(ctx, tx, &recorded, d.q.SelectRecorded, idsJSON(ids), now.UnixMilli()); err != nil {
+			return nil, fmt.Errorf("select recorded deliveries: %w", err)
+		}
 		lost = d.lostClaims(results, recorded)
 	}
 	if _, err := tx.ExecContext(ctx, d.q.InsertAttempts, b.attempts); err != nil {

@@ -102,9 +102,13 @@ type Queries struct {
 	// each only while the recording dispatcher still holds the claim: $1
 	// JSON array of objects with the keys
 	// id, claim_token, state, next_at, last_status, last_error, at (the time now) and
-	// delivered_at (null unless succeeded). Returns the id of each delivery
-	// it recorded.
+	// delivered_at (null unless succeeded).
 	RecordDeliveries string
+	// SelectRecorded returns, among the deliveries named, those that
+	// RecordDeliveries recorded at a time: $1 JSON array of delivery IDs, $2
+	// the time (at). Run when it recorded fewer than it was given, to tell
+	// which claims were lost.
+	SelectRecorded string
 	// InsertAttempts records many attempts in one statement: $1 JSON array
 	// of objects with the keys delivery_id, attempt, started_at,
 	// duration_ms, status_code, error and response_body.
@@ -157,6 +161,7 @@ func (d Dialect) Queries() (Queries, error) {
 			SelectDueFirst:            fmt.Sprintf(selectDueSQLite, "= 0"),
 			SelectDueRetry:            fmt.Sprintf(selectDueSQLite, "> 0"),
 			ClaimDeliveries:           fmt.Sprintf(claimDeliveries, fmt.Sprintf(jsonArraySQLite, "$4")),
+			SelectRecorded:            fmt.Sprintf(selectRecorded, fmt.Sprintf(jsonArraySQLite, "$1")),
 		}, nil
 	case Postgres:
 		// Several dispatchers work side by side: each locks the rows it
@@ -175,6 +180,7 @@ func (d Dialect) Queries() (Queries, error) {
 			SelectDueFirst:            fmt.Sprintf(selectDue, "= 0", skip) + "\nFOR UPDATE OF d SKIP LOCKED",
 			SelectDueRetry:            fmt.Sprintf(selectDue, "> 0", skip) + "\nFOR UPDATE OF d SKIP LOCKED",
 			ClaimDeliveries:           fmt.Sprintf(claimDeliveries, fmt.Sprintf(jsonArrayPostgres, "$4")),
+			SelectRecorded:            fmt.Sprintf(selectRecorded, fmt.Sprintf(jsonArrayPostgres, "$1")),
 			LockTenantSubscriptions:   `SELECT pg_advisory_xact_lock(7316, hashtext($1))`,
 			NotifyChannel:             "webhook_outbox",
 		}, nil
@@ -324,8 +330,15 @@ SET state = CASE WHEN r.state = 'pending' THEN %s ELSE r.state END,
     updated_at = r.at, delivered_at = r.delivered_at
 FROM (%s) AS r
 WHERE webhook_deliveries.id = r.id AND webhook_deliveries.claim_token = r.claim_token
-  AND webhook_deliveries.state = 'delivering'
-RETURNING webhook_deliveries.id`
+  AND webhook_deliveries.state = 'delivering'`
+
+// selectRecorded's verb is the ID array ($1). A delivery RecordDeliveries
+// recorded has no claim, a state after an attempt and updated_at = $2; one
+// whose claim was lost is still claimed (by another dispatcher), canceled,
+// or was recorded at another time. (One claimed again and recorded by
+// another dispatcher in the same millisecond would pass for recorded.)
+const selectRecorded = `SELECT id FROM webhook_deliveries
+WHERE id IN (%s) AND claim_token IS NULL AND state NOT IN ('delivering', 'canceled') AND updated_at = $2`
 
 const insertAttempts = `INSERT INTO webhook_attempts
     (delivery_id, attempt, started_at, duration_ms, status_code, error, response_body)
