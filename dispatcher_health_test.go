@@ -531,3 +531,44 @@ func TestLostClaimLeavesTheBatchsOtherEventsAlone(t *testing.T) {
 		}
 	})
 }
+
+// A step whose transaction fails gives back the rate-limit tokens its
+// admissions took: the next step may start the delivery at once, not a
+// second later.
+func TestFailedStepGivesBackRateLimitTokens(t *testing.T) {
+	ctx := context.Background()
+	db := openTestDB(t)
+	clock := newFakeClock()
+	subs := newTestSubscriptions(t, db, clock)
+	rc := newReceiver(t, nil)
+	if _, err := subs.Create(ctx, Subscription{Tenant: "acme", URL: rc.URL(), EventTypes: []string{"*"}, RateLimit: 1}); err != nil {
+		t.Fatal(err)
+	}
+	d, err := NewDispatcher(db, allowLoopback(Config{Clock: clock}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	publishTx(t, db, Event{Type: "a.b", Tenant: "acme"})
+	// The first step admits the delivery (taking the one token a rate of 1
+	// allows), then fails to write it.
+	if _, err := db.Exec(`CREATE TRIGGER fail_insert BEFORE INSERT ON webhook_deliveries
+		BEGIN SELECT RAISE(ABORT, 'no deliveries now'); END`); err != nil {
+		t.Fatal(err)
+	}
+	lim := newLimiter()
+	in := stepInput{free: 1, expand: true, perSub: map[string]int{}, perEvent: 1, limiter: lim}
+	if _, err := d.step(ctx, in); err == nil || !strings.Contains(err.Error(), "no deliveries now") {
+		t.Fatalf("step with a failing insert: %v", err)
+	}
+	if _, err := db.Exec(`DROP TRIGGER fail_insert`); err != nil {
+		t.Fatal(err)
+	}
+	// At the same instant, the next step has the token back.
+	out, err := d.step(ctx, in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(out.jobs) != 1 {
+		t.Fatalf("%d jobs started after the failed step, want 1 (its token given back); held back: %v", len(out.jobs), out.refused)
+	}
+}

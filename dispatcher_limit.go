@@ -86,6 +86,33 @@ func (l *limiter) take(sub string, rate float64, now time.Time) bool {
 	return true
 }
 
+// limiterState is a copy of a limiter's buckets.
+type limiterState map[string]bucket
+
+// save copies the buckets, for restore to put back the tokens a step took
+// should its transaction fail or run again.
+func (l *limiter) save() limiterState {
+	if l == nil {
+		return nil
+	}
+	s := make(limiterState, len(l.buckets))
+	for id, b := range l.buckets {
+		s[id] = *b
+	}
+	return s
+}
+
+// restore puts the buckets back as save found them.
+func (l *limiter) restore(s limiterState) {
+	if l == nil {
+		return
+	}
+	clear(l.buckets)
+	for id, b := range s {
+		l.buckets[id] = &b
+	}
+}
+
 // blocked lists the subscriptions that admit nothing at now, which claims
 // skip.
 func (l *limiter) blocked(now time.Time) []string {

@@ -105,7 +105,12 @@ func (d *Dispatcher) step(ctx context.Context, in stepInput) (stepOutput, error)
 		return stepOutput{}, err
 	}
 	var out stepOutput
+	// The tokens this step's admissions take from the limiter count only
+	// if it commits: a transaction that fails, or that PostgreSQL aborts
+	// and dbtx.Run runs again, gives them back.
+	saved := in.limiter.save()
 	err = d.inTx(ctx, func(tx dbtx.Tx) error {
+		in.limiter.restore(saved)
 		out = stepOutput{}
 		if len(in.results) > 0 {
 			ops, err := d.record(ctx, tx, in.results, rec, now)
@@ -136,6 +141,7 @@ func (d *Dispatcher) step(ctx context.Context, in stepInput) (stepOutput, error)
 		return nil
 	})
 	if err != nil {
+		in.limiter.restore(saved)
 		return stepOutput{}, err
 	}
 	for i := range in.results {
