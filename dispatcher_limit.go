@@ -90,9 +90,11 @@ func (l *limiter) take(sub string, rate float64, now time.Time) bool {
 type limiterState map[string]bucket
 
 // save copies the buckets, for restore to put back the tokens a step took
-// should its transaction fail or run again.
+// should its transaction fail or run again. With no buckets (no rate
+// limits or pauses live) it allocates nothing: the dispatcher loop calls it
+// every step.
 func (l *limiter) save() limiterState {
-	if l == nil {
+	if l == nil || len(l.buckets) == 0 {
 		return nil
 	}
 	s := make(limiterState, len(l.buckets))
