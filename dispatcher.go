@@ -147,6 +147,7 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 
 	l := &loop{d: d, ctx: ctx, workCtx: workCtx, perSub: map[string]int{}, behind: map[string]bool{}, perEvent: 1,
 		lim:     newLimiter(),
+		jobs:    make(chan *job, d.cfg.Concurrency),
 		results: make(chan result, d.cfg.Concurrency)}
 	return l.run()
 }
@@ -195,6 +196,8 @@ type loop struct {
 	ctx     context.Context // Run's context: ends the loop hard
 	workCtx context.Context // deliveries' context: canceled on hard stop
 	workers errgroup.Group
+	jobs    chan *job // to the workers: never more than Concurrency at once
+	spawned int       // workers started: at most Concurrency
 	results chan result
 
 	inFlight int
@@ -227,7 +230,10 @@ func (l *loop) run() error {
 	d := l.d
 	ticker := time.NewTicker(d.cfg.PollInterval)
 	defer ticker.Stop()
-	defer l.workers.Wait() //nolint:errcheck // workers never fail
+	defer func() {
+		close(l.jobs)
+		l.workers.Wait() //nolint:errcheck // workers never fail
+	}()
 
 	stopping := false
 	poll := true  // look for work at once on start
@@ -394,13 +400,25 @@ func (l *loop) step(free int, claim, expand, probe bool) {
 	}
 }
 
+// start hands a job to a worker. Workers are started as the jobs in flight
+// first need them and then live as long as the loop: a goroutine that
+// delivers one request after another keeps its grown stack and its context,
+// where one goroutine per request paid for both every time.
 func (l *loop) start(j *job) {
 	l.inFlight++
 	l.perSub[j.SubscriptionID]++
-	l.workers.Go(func() error {
-		l.results <- l.d.deliver(l.workCtx, j)
-		return nil
-	})
+	if l.spawned < l.inFlight {
+		l.spawned++
+		l.workers.Go(func() error {
+			ctx, cancel := context.WithCancel(l.workCtx)
+			defer cancel()
+			for j := range l.jobs {
+				l.results <- l.d.deliver(ctx, j)
+			}
+			return nil
+		})
+	}
+	l.jobs <- j // never blocks: it holds Concurrency jobs, as many as may be in flight
 }
 
 func (l *loop) finish(r result) {
