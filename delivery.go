@@ -237,7 +237,7 @@ func (d *Dispatcher) deliver(ctx context.Context, j *job) result {
 		r.duration = time.Since(begin)
 		return r
 	}
-	body := []byte(j.Payload)
+	body := j.Payload
 	ctx, cancel := context.WithTimeout(ctx, d.cfg.RequestTimeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, j.URL, bytes.NewReader(body))

@@ -32,7 +32,7 @@ type job struct {
 	Secrets        string  `db:"secrets"`
 	Headers        string  `db:"headers"`    // JSON object of static headers
 	RateLimit      float64 `db:"rate_limit"` // deliveries/s; 0: none
-	Payload        string  `db:"payload"`
+	Payload        []byte  `db:"payload"`    // shared by the jobs of one event: read only
 	claimToken     string
 }
 
@@ -163,7 +163,7 @@ func (d *Dispatcher) expand(ctx context.Context, tx dbtx.Tx, in stepInput, free 
 		ID      string `db:"id"`
 		Type    string `db:"type"`
 		Tenant  string `db:"tenant"`
-		Payload string `db:"payload"`
+		Payload []byte `db:"payload"`
 	}
 	limit := d.cfg.BatchSize
 	if in.perEvent > 0 {

@@ -1,11 +1,11 @@
 package webhooks
 
 import (
+	"bytes"
 	"context"
 	"database/sql"
 	"fmt"
 	"log/slog"
-	"strings"
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
@@ -184,18 +184,18 @@ func statusClassIndex(status int) int {
 // payloadOccurredAt reads the "timestamp" of a Standard Webhooks envelope as
 // buildPayload writes it, without decoding the JSON: the id and type before
 // it contain no quotes, so the first `"timestamp":"` is the envelope's.
-func payloadOccurredAt(payload string) (time.Time, bool) {
+func payloadOccurredAt(payload []byte) (time.Time, bool) {
 	const key = `"timestamp":"`
-	i := strings.Index(payload, key)
+	i := bytes.Index(payload, []byte(key))
 	if i < 0 {
 		return time.Time{}, false
 	}
 	rest := payload[i+len(key):]
-	j := strings.IndexByte(rest, '"')
+	j := bytes.IndexByte(rest, '"')
 	if j < 0 {
 		return time.Time{}, false
 	}
-	t, err := time.Parse(time.RFC3339Nano, rest[:j])
+	t, err := time.Parse(time.RFC3339Nano, string(rest[:j]))
 	if err != nil {
 		return time.Time{}, false
 	}

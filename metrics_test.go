@@ -354,7 +354,7 @@ func TestMetricsPayloadOccurredAt(t *testing.T) {
 		"empty":              {``, false},
 		"number, not string": {`{"id":"evt_1","type":"a","timestamp":1735787045,"data":{}}`, false},
 	} {
-		got, ok := payloadOccurredAt(c.payload)
+		got, ok := payloadOccurredAt([]byte(c.payload))
 		if ok != c.ok || ok && !got.Equal(at) {
 			t.Errorf("%s: got %v, %v; want %v, %v", name, got, ok, at, c.ok)
 		}
@@ -378,7 +378,7 @@ func TestMetricsStatusClass(t *testing.T) {
 // metricsBenchAttempt is a finished successful attempt to record.
 func metricsBenchAttempt() (*result, outcome, time.Time) {
 	now := time.Now()
-	payload := string(buildPayload("evt_1", "order.placed", now.Add(-time.Second), []byte(`{"orderId":42}`)))
+	payload := buildPayload("evt_1", "order.placed", now.Add(-time.Second), []byte(`{"orderId":42}`))
 	r := &result{job: &job{Payload: payload}, started: now, duration: 30 * time.Millisecond, status: 200}
 	return r, outcome{state: DeliverySucceeded, nextAt: now.UnixMilli()}, now
 }
