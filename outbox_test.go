@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -213,6 +214,80 @@ func TestPublishBatch(t *testing.T) {
 		}
 		if ids, err := PublishBatch(ctx, db); err != nil || ids != nil {
 			t.Fatalf("empty batch: %v %v", ids, err)
+		}
+	})
+}
+
+// A batch bigger than one statement is still all or none: through a
+// transaction of the caller's, and through a *sql.DB (a transaction of its
+// own), a duplicate ID in its last statement leaves nothing of it written.
+func TestPublishBatchOfSeveralStatements(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, openTestDB func(testing.TB) *sql.DB) {
+		db := openTestDB(t)
+		ctx := context.Background()
+		batch := func(prefix string, n int) []Event {
+			events := make([]Event, n)
+			for i := range events {
+				events[i] = Event{ID: fmt.Sprintf("%s-%04d", prefix, i), Type: "order.placed", Data: map[string]int{"i": i}}
+			}
+			return events
+		}
+		n := 2*BatchStatementEvents + 50
+		ids, err := PublishBatch(ctx, db, batch("a", n)...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(ids) != n || ids[n-1] != fmt.Sprintf("a-%04d", n-1) {
+			t.Fatalf("%d ids, last %q", len(ids), ids[len(ids)-1])
+		}
+		if got := countRows(t, db, `SELECT COUNT(*) FROM webhook_outbox`); got != n {
+			t.Fatalf("%d rows, want %d", got, n)
+		}
+		// Its seqs follow the batch's order.
+		var first, last int64
+		if err := db.QueryRow(`SELECT seq FROM webhook_outbox WHERE id = 'a-0000'`).Scan(&first); err != nil {
+			t.Fatal(err)
+		}
+		if err := db.QueryRow(fmt.Sprintf(`SELECT seq FROM webhook_outbox WHERE id = 'a-%04d'`, n-1)).Scan(&last); err != nil {
+			t.Fatal(err)
+		}
+		if last-first != int64(n-1) {
+			t.Fatalf("seqs %d..%d for %d events", first, last, n)
+		}
+
+		// The last statement meets an existing ID: nothing of the batch is
+		// left, through a *sql.DB ...
+		dup := batch("b", n)
+		dup[n-1].ID = "a-0007"
+		if _, err := PublishBatch(ctx, db, dup...); !errors.Is(err, ErrDuplicateEvent) {
+			t.Fatalf("err = %v, want ErrDuplicateEvent", err)
+		}
+		if got := countRows(t, db, `SELECT COUNT(*) FROM webhook_outbox`); got != n {
+			t.Fatalf("%d rows after the refused batch, want %d", got, n)
+		}
+		// ... and inside the caller's transaction, which can commit what
+		// else it wrote.
+		tx, err := db.BeginTx(ctx, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := Publish(ctx, tx, Event{ID: "other", Type: "order.placed"}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := PublishBatch(ctx, tx, dup...); !errors.Is(err, ErrDuplicateEvent) {
+			t.Fatalf("in a transaction: err = %v, want ErrDuplicateEvent", err)
+		}
+		if err := tx.Commit(); err != nil {
+			t.Fatal(err)
+		}
+		if got := countRows(t, db, `SELECT COUNT(*) FROM webhook_outbox WHERE id LIKE 'b-%'`); got != 0 {
+			t.Fatalf("%d events of the refused batch written", got)
+		}
+		if got := countRows(t, db, `SELECT COUNT(*) FROM webhook_outbox`); got != n+1 {
+			t.Fatalf("%d rows, want %d", got, n+1)
+		}
+		if _, err := PublishBatch(ctx, db, batch("c", MaxBatchEvents+1)...); !errors.Is(err, ErrInvalidEvent) {
+			t.Fatalf("over MaxBatchEvents: err = %v, want ErrInvalidEvent", err)
 		}
 	})
 }
