@@ -13,6 +13,8 @@ import (
 	"unicode"
 	"unicode/utf8"
 
+	"github.com/jmoiron/sqlx"
+
 	"github.com/outboxhook/webhooks/store"
 )
 
@@ -28,7 +30,7 @@ const (
 	// MaxBatchEvents bounds the events of one PublishBatch.
 	MaxBatchEvents = 1000
 	// BatchStatementEvents is how many events of a PublishBatch go in one
-	// statement. SQLite looks each $N parameter up among those before it
+	// statement (in a transaction; see PublishBatch). SQLite looks each $N parameter up among those before it
 	// while it prepares a statement, so one statement for 1,000 events
 	// (6,000 parameters) cost 17 times a loop of Publish in one
 	// transaction; in statements of 50 it costs about the same as that loop
@@ -93,11 +95,12 @@ func Publish(ctx context.Context, tx Execer, event Event) (string, error) {
 	return p.Publish(ctx, tx, event)
 }
 
-// PublishBatch publishes several events: all of them or, on any error,
-// none. IDs must be unique within the batch. Up to BatchStatementEvents
-// events go in one statement; a bigger batch runs one statement per
-// BatchStatementEvents, inside tx (pass the business transaction), or inside
-// a transaction of its own when tx is a *sql.DB or a *sql.Conn.
+// PublishBatch publishes several events: all of them or none. IDs must be
+// unique within the batch. In a *sql.Tx or *sqlx.Tx (the business
+// transaction) and through a *sql.DB or *sqlx.DB (in a transaction of its
+// own), a batch goes BatchStatementEvents events per statement; through any
+// other Execer (a *sql.Conn, say) it goes in one statement, which SQLite
+// prepares more slowly for big batches.
 func PublishBatch(ctx context.Context, tx Execer, events ...Event) ([]string, error) {
 	var p Publisher
 	return p.PublishBatch(ctx, tx, events...)
@@ -126,10 +129,13 @@ func (p *Publisher) Publish(ctx context.Context, tx Execer, event Event) (string
 // PublishBatch is the package-level PublishBatch with p's settings.
 //
 // If any ID already exists the batch writes nothing and returns
-// ErrDuplicateEvent. (On PostgreSQL, an ID being inserted by another
-// transaction that has not committed yet is detected only when the
-// statement finishes; PublishBatch then also returns ErrDuplicateEvent, and
-// the caller must roll back its transaction.)
+// ErrDuplicateEvent. On PostgreSQL, an ID that another transaction is
+// inserting at the same moment (not committed yet) is found only once part
+// of the batch is written: in the caller's transaction PublishBatch then
+// returns an error that is not ErrDuplicateEvent, and the caller must roll
+// back (a retry then gets ErrDuplicateEvent, or succeeds); in a
+// transaction of its own it rolls back itself and returns
+// ErrDuplicateEvent. As always, roll back after any other error.
 func (p *Publisher) PublishBatch(ctx context.Context, tx Execer, events ...Event) ([]string, error) {
 	if len(events) == 0 {
 		return nil, nil
@@ -152,37 +158,52 @@ func (p *Publisher) PublishBatch(ctx context.Context, tx Execer, events ...Event
 		ids[i] = row.id
 		args = append(args, row.args()...)
 	}
-	if len(events) <= BatchStatementEvents {
-		if err := insertEventChunk(ctx, tx, len(events), args); err != nil {
+	switch t := tx.(type) {
+	case *sql.Tx, *sqlx.Tx:
+		// The caller's transaction: a failure undoes the statements
+		// before it, or tells the caller to roll back.
+		if err := insertEventChunks(ctx, tx, ids, args); err != nil {
 			return nil, err
 		}
-		return ids, nil
-	}
-	if b, ok := tx.(txBeginner); ok {
-		// Several statements: one transaction makes them all or none.
-		t, err := b.BeginTx(ctx, nil)
-		if err != nil {
-			return nil, fmt.Errorf("webhooks: publish batch: %w", err)
-		}
-		defer t.Rollback() //nolint:errcheck // after Commit: nothing to roll back
-		if err := insertEventChunks(ctx, t, ids, args); err != nil {
+	case *sql.DB:
+		if err := publishBatchInTx(ctx, t, ids, args); err != nil {
 			return nil, err
 		}
-		if err := t.Commit(); err != nil {
-			return nil, fmt.Errorf("webhooks: publish batch: %w", err)
+	case *sqlx.DB:
+		if err := publishBatchInTx(ctx, t.DB, ids, args); err != nil {
+			return nil, err
 		}
-		return ids, nil
-	}
-	if err := insertEventChunks(ctx, tx, ids, args); err != nil {
-		return nil, err
+	default:
+		// An Execer that may run each statement on its own (or inside a
+		// transaction begun with SQL, on a *sql.Conn): one statement
+		// keeps the batch all or none.
+		if err := insertEventChunk(ctx, tx, len(ids), args); err != nil {
+			return nil, err
+		}
 	}
 	return ids, nil
 }
 
-// txBeginner is what PublishBatch wraps in a transaction of its own when a
-// batch takes several statements (*sql.DB, *sql.Conn, *sqlx.DB).
-type txBeginner interface {
-	BeginTx(ctx context.Context, opts *sql.TxOptions) (*sql.Tx, error)
+// publishBatchInTx inserts a batch in a transaction of its own, so its
+// statements are all or none.
+func publishBatchInTx(ctx context.Context, db *sql.DB, ids []string, args []any) error {
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("webhooks: publish batch: %w", err)
+	}
+	defer tx.Rollback() //nolint:errcheck // after Commit: nothing to roll back
+	if err := insertEventChunks(ctx, tx, ids, args); err != nil {
+		if errors.Is(err, errBatchPartial) {
+			// Rolled back: nothing is written, and the ID exists (or will,
+			// once its transaction commits).
+			return fmt.Errorf("%w: an event of the batch was being written by another transaction", ErrDuplicateEvent)
+		}
+		return err
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("webhooks: publish batch: %w", err)
+	}
+	return nil
 }
 
 // insertEventChunks inserts a batch BatchStatementEvents at a time (args
@@ -197,9 +218,10 @@ func insertEventChunks(ctx context.Context, tx Execer, ids []string, args []any)
 		if err == nil {
 			continue
 		}
-		if errors.Is(err, errChunkSkipped) {
+		if errors.Is(err, errChunkSkipped) && i > 0 {
 			if derr := deleteEvents(ctx, tx, ids[:i]); derr != nil {
-				return fmt.Errorf("%w; undoing the batch's first %d events failed, roll back: %w", err, i, derr)
+				// Not ErrDuplicateEvent: part of the batch stays written.
+				return fmt.Errorf("webhooks: publish batch: an event of the batch exists already, and undoing the batch's first %d events failed (roll back): %w", i, derr)
 			}
 		}
 		return err
@@ -227,12 +249,16 @@ func insertEventChunk(ctx context.Context, tx Execer, k int, args []any) error {
 		return fmt.Errorf("%w: an event of the batch exists already (%w)", ErrDuplicateEvent, errChunkSkipped)
 	case n != int64(k):
 		// An ID another transaction was inserting at the same time
-		// (PostgreSQL): the caller must roll back.
-		return fmt.Errorf("%w: an event of the batch was being written by another transaction; %d of %d written, roll back",
-			ErrDuplicateEvent, n, k)
+		// (PostgreSQL): part of the batch is written.
+		return fmt.Errorf("%w: %d of %d written", errBatchPartial, n, k)
 	}
 	return nil
 }
+
+// errBatchPartial is a statement of a batch that wrote only some of its
+// events: another transaction was inserting one of their IDs. It is not
+// ErrDuplicateEvent, which promises that nothing was written.
+var errBatchPartial = errors.New("webhooks: publish batch: an event ID of the batch was being written by another transaction at the same time; part of the batch is written, roll back")
 
 // deleteEvents deletes the events just inserted by a batch that failed.
 func deleteEvents(ctx context.Context, tx Execer, ids []string) error {

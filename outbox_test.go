@@ -286,10 +286,101 @@ func TestPublishBatchOfSeveralStatements(t *testing.T) {
 		if got := countRows(t, db, `SELECT COUNT(*) FROM webhook_outbox`); got != n+1 {
 			t.Fatalf("%d rows, want %d", got, n+1)
 		}
+		// Through a *sql.Conn, which may be inside a transaction begun with
+		// SQL, the batch is one statement: all or none by itself, and no
+		// transaction of PublishBatch's own commits the caller's.
+		conn, err := db.Conn(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		if _, err := conn.ExecContext(ctx, "BEGIN"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := PublishBatch(ctx, conn, batch("d", n)...); err != nil {
+			t.Fatalf("on a connection in a transaction: %v", err)
+		}
+		if _, err := PublishBatch(ctx, conn, dup...); !errors.Is(err, ErrDuplicateEvent) {
+			t.Fatalf("on a connection: err = %v, want ErrDuplicateEvent", err)
+		}
+		if _, err := conn.ExecContext(ctx, "ROLLBACK"); err != nil {
+			t.Fatal(err)
+		}
+		if got := countRows(t, db, `SELECT COUNT(*) FROM webhook_outbox WHERE id LIKE 'd-%' OR id LIKE 'b-%'`); got != 0 {
+			t.Fatalf("%d events written through the rolled-back connection", got)
+		}
 		if _, err := PublishBatch(ctx, db, batch("c", MaxBatchEvents+1)...); !errors.Is(err, ErrInvalidEvent) {
 			t.Fatalf("over MaxBatchEvents: err = %v, want ErrInvalidEvent", err)
 		}
 	})
+}
+
+// On PostgreSQL an ID that another transaction is inserting, not committed
+// yet, is found only once part of a batch is written. Through a *sql.DB the
+// batch's own transaction rolls it back (ErrDuplicateEvent, nothing
+// written); in the caller's transaction the error is not ErrDuplicateEvent,
+// so a caller that commits on ErrDuplicateEvent does not commit half a
+// batch.
+func TestPublishBatchMeetsAnIDBeingInserted(t *testing.T) {
+	db := openPostgresTestDB(t)
+	ctx := context.Background()
+	for _, inCallersTx := range []bool{false, true} {
+		other, err := db.BeginTx(ctx, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		raceID := fmt.Sprintf("race-%v", inCallersTx)
+		if _, err := Publish(ctx, other, Event{ID: raceID, Type: "order.placed"}); err != nil {
+			t.Fatal(err)
+		}
+		events := make([]Event, BatchStatementEvents+10)
+		for i := range events {
+			events[i] = Event{ID: fmt.Sprintf("%s-%03d", raceID, i), Type: "order.placed"}
+		}
+		events[BatchStatementEvents+5].ID = raceID // in the second statement
+		errc := make(chan error, 1)
+		var tx *sql.Tx
+		if inCallersTx {
+			if tx, err = db.BeginTx(ctx, nil); err != nil {
+				t.Fatal(err)
+			}
+			go func() { _, err := PublishBatch(ctx, tx, events...); errc <- err }()
+		} else {
+			go func() { _, err := PublishBatch(ctx, db, events...); errc <- err }()
+		}
+		// The batch's insert waits for the other transaction's row lock.
+		for deadline := time.Now().Add(30 * time.Second); ; {
+			if countRows(t, db, `SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`) > 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("the batch never waited for the other transaction")
+			}
+			time.Sleep(time.Millisecond)
+		}
+		if err := other.Commit(); err != nil {
+			t.Fatal(err)
+		}
+		err = <-errc
+		if inCallersTx {
+			// Roll back first: a transaction left open would hold the
+			// schema that the cleanup drops.
+			if err := tx.Rollback(); err != nil {
+				t.Fatal(err)
+			}
+			if err == nil || errors.Is(err, ErrDuplicateEvent) {
+				t.Fatalf("in the caller's transaction: err = %v, want an error that is not ErrDuplicateEvent", err)
+			}
+		} else if !errors.Is(err, ErrDuplicateEvent) {
+			t.Fatalf("through *sql.DB: err = %v, want ErrDuplicateEvent", err)
+		}
+		if got := countRows(t, db, `SELECT COUNT(*) FROM webhook_outbox WHERE id LIKE $1`, raceID+"-%"); got != 0 {
+			t.Fatalf("in the caller's transaction %v: %d events of the batch written", inCallersTx, got)
+		}
+		if got := countRows(t, db, `SELECT COUNT(*) FROM webhook_outbox WHERE id = $1`, raceID); got != 1 {
+			t.Fatalf("%d rows of the other transaction's event, want 1", got)
+		}
+	}
 }
 
 func TestPublishIDsSortByTime(t *testing.T) {
