@@ -15,6 +15,7 @@ import (
 
 	"github.com/jmoiron/sqlx"
 
+	"github.com/outboxhook/webhooks/internal/dbtx"
 	"github.com/outboxhook/webhooks/store"
 )
 
@@ -96,11 +97,13 @@ func Publish(ctx context.Context, tx Execer, event Event) (string, error) {
 }
 
 // PublishBatch publishes several events: all of them or none. IDs must be
-// unique within the batch. In a *sql.Tx or *sqlx.Tx (the business
-// transaction) and through a *sql.DB or *sqlx.DB (in a transaction of its
-// own), a batch goes BatchStatementEvents events per statement; through any
-// other Execer (a *sql.Conn, say) it goes in one statement, which SQLite
-// prepares more slowly for big batches.
+// unique within the batch. In a transaction (a *sql.Tx or *sqlx.Tx, or a
+// *sql.Conn inside one) the batch is written under a savepoint that a
+// failure rolls back, so the transaction can go on; through a *sql.DB,
+// *sqlx.DB or a *sql.Conn outside a transaction it is written in a
+// transaction of its own. Either way it goes BatchStatementEvents events per
+// statement. Any other Execer gets the whole batch in one statement (which
+// SQLite prepares slowly for big batches).
 func PublishBatch(ctx context.Context, tx Execer, events ...Event) ([]string, error) {
 	var p Publisher
 	return p.PublishBatch(ctx, tx, events...)
@@ -129,13 +132,10 @@ func (p *Publisher) Publish(ctx context.Context, tx Execer, event Event) (string
 // PublishBatch is the package-level PublishBatch with p's settings.
 //
 // If any ID already exists the batch writes nothing and returns
-// ErrDuplicateEvent. On PostgreSQL, an ID that another transaction is
-// inserting at the same moment (not committed yet) is found only once part
-// of the batch is written: in the caller's transaction PublishBatch then
-// returns an error that is not ErrDuplicateEvent, and the caller must roll
-// back (a retry then gets ErrDuplicateEvent, or succeeds); in a
-// transaction of its own it rolls back itself and returns
-// ErrDuplicateEvent. As always, roll back after any other error.
+// ErrDuplicateEvent; so it does when, on PostgreSQL, another transaction is
+// inserting one of the IDs at the same moment (PublishBatch waits for it to
+// commit). Only through an Execer of the last kind above can that race
+// leave part of the batch written; the error then is not ErrDuplicateEvent.
 func (p *Publisher) PublishBatch(ctx context.Context, tx Execer, events ...Event) ([]string, error) {
 	if len(events) == 0 {
 		return nil, nil
@@ -158,47 +158,68 @@ func (p *Publisher) PublishBatch(ctx context.Context, tx Execer, events ...Event
 		ids[i] = row.id
 		args = append(args, row.args()...)
 	}
+	var err error
 	switch t := tx.(type) {
 	case *sql.Tx, *sqlx.Tx:
-		// The caller's transaction: a failure undoes the statements
-		// before it, or tells the caller to roll back.
-		if err := insertEventChunks(ctx, tx, ids, args); err != nil {
-			return nil, err
-		}
+		err = publishBatchInSavepoint(ctx, tx, len(ids), args)
 	case *sql.DB:
-		if err := publishBatchInTx(ctx, t, ids, args); err != nil {
-			return nil, err
-		}
+		err = publishBatchInTx(ctx, t, len(ids), args)
 	case *sqlx.DB:
-		if err := publishBatchInTx(ctx, t.DB, ids, args); err != nil {
-			return nil, err
-		}
+		err = publishBatchInTx(ctx, t.DB, len(ids), args)
+	case *sql.Conn:
+		err = publishBatchOnConn(ctx, t, len(ids), args)
+	case *sqlx.Conn:
+		err = publishBatchOnConn(ctx, t.Conn, len(ids), args)
 	default:
-		// An Execer that may run each statement on its own (or inside a
-		// transaction begun with SQL, on a *sql.Conn): one statement
-		// keeps the batch all or none.
-		if err := insertEventChunk(ctx, tx, len(ids), args); err != nil {
-			return nil, err
-		}
+		// An Execer that may run each statement on a connection of its
+		// own: one statement is all or none by itself.
+		err = insertEventChunk(ctx, tx, len(ids), args)
+	}
+	if err != nil {
+		return nil, err
 	}
 	return ids, nil
 }
 
-// publishBatchInTx inserts a batch in a transaction of its own, so its
-// statements are all or none.
-func publishBatchInTx(ctx context.Context, db *sql.DB, ids []string, args []any) error {
+// batchSavepoint is the savepoint PublishBatch writes a batch under.
+const batchSavepoint = "outboxhook_publish_batch"
+
+// publishBatchInSavepoint inserts n events (args: their parameters in
+// order) in the transaction ex is in, under a savepoint: a failure rolls
+// back to it, so nothing of the batch is left and the transaction is usable
+// (on PostgreSQL, too, after a failed statement).
+func publishBatchInSavepoint(ctx context.Context, ex Execer, n int, args []any) error {
+	if _, err := ex.ExecContext(ctx, "SAVEPOINT "+batchSavepoint); err != nil {
+		if dbtx.SQLState(err) == "25P01" { // no_active_sql_transaction
+			return fmt.Errorf("webhooks: publish batch: %w: %w", errNoSavepoint, err)
+		}
+		return fmt.Errorf("webhooks: publish batch: %w", err)
+	}
+	if err := insertEventChunks(ctx, ex, n, args); err != nil {
+		if _, rerr := ex.ExecContext(ctx, "ROLLBACK TO SAVEPOINT "+batchSavepoint); rerr != nil {
+			// Not ErrDuplicateEvent: part of the batch may stay written.
+			return fmt.Errorf("webhooks: publish batch: %v; rolling back to the savepoint failed, roll back the transaction: %w", err, rerr)
+		}
+		if _, rerr := ex.ExecContext(ctx, "RELEASE SAVEPOINT "+batchSavepoint); rerr != nil {
+			return fmt.Errorf("webhooks: publish batch: %v; releasing the savepoint failed: %w", err, rerr)
+		}
+		return nothingWritten(err)
+	}
+	if _, err := ex.ExecContext(ctx, "RELEASE SAVEPOINT "+batchSavepoint); err != nil {
+		return fmt.Errorf("webhooks: publish batch: %w", err)
+	}
+	return nil
+}
+
+// publishBatchInTx inserts n events in a transaction of its own.
+func publishBatchInTx(ctx context.Context, db *sql.DB, n int, args []any) error {
 	tx, err := db.BeginTx(ctx, nil)
 	if err != nil {
 		return fmt.Errorf("webhooks: publish batch: %w", err)
 	}
 	defer tx.Rollback() //nolint:errcheck // after Commit: nothing to roll back
-	if err := insertEventChunks(ctx, tx, ids, args); err != nil {
-		if errors.Is(err, errBatchPartial) {
-			// Rolled back: nothing is written, and the ID exists (or will,
-			// once its transaction commits).
-			return fmt.Errorf("%w: an event of the batch was being written by another transaction", ErrDuplicateEvent)
-		}
-		return err
+	if err := insertEventChunks(ctx, tx, n, args); err != nil {
+		return nothingWritten(err)
 	}
 	if err := tx.Commit(); err != nil {
 		return fmt.Errorf("webhooks: publish batch: %w", err)
@@ -206,37 +227,63 @@ func publishBatchInTx(ctx context.Context, db *sql.DB, ids []string, args []any)
 	return nil
 }
 
-// insertEventChunks inserts a batch BatchStatementEvents at a time (args
-// holds the rows' parameters in order, len(args)/len(ids) per row). Should
-// a chunk meet an ID that exists, the chunks before it, all of them written
-// by this call, are deleted again, so nothing is left written.
-func insertEventChunks(ctx context.Context, tx Execer, ids []string, args []any) error {
-	per := len(args) / len(ids)
-	for i := 0; i < len(ids); i += BatchStatementEvents {
-		k := min(BatchStatementEvents, len(ids)-i)
-		err := insertEventChunk(ctx, tx, k, args[i*per:(i+k)*per])
-		if err == nil {
-			continue
-		}
-		if errors.Is(err, errChunkSkipped) && i > 0 {
-			if derr := deleteEvents(ctx, tx, ids[:i]); derr != nil {
-				// Not ErrDuplicateEvent: part of the batch stays written.
-				return fmt.Errorf("webhooks: publish batch: an event of the batch exists already, and undoing the batch's first %d events failed (roll back): %w", i, derr)
-			}
-		}
+// publishBatchOnConn inserts n events through a connection that may be
+// inside a transaction begun with SQL, or not. A savepoint serves both on
+// SQLite (outside a transaction it starts one); PostgreSQL refuses one
+// outside a transaction, and then the batch gets a transaction of its own,
+// begun with SQL on the same connection.
+func publishBatchOnConn(ctx context.Context, conn *sql.Conn, n int, args []any) error {
+	err := publishBatchInSavepoint(ctx, conn, n, args)
+	if err == nil || !errors.Is(err, errNoSavepoint) {
 		return err
+	}
+	if _, berr := conn.ExecContext(ctx, "BEGIN"); berr != nil {
+		return err
+	}
+	if err := insertEventChunks(ctx, conn, n, args); err != nil {
+		if _, rerr := conn.ExecContext(ctx, "ROLLBACK"); rerr != nil {
+			return fmt.Errorf("webhooks: publish batch: %v; rolling back failed: %w", err, rerr)
+		}
+		return nothingWritten(err)
+	}
+	if _, err := conn.ExecContext(ctx, "COMMIT"); err != nil {
+		return fmt.Errorf("webhooks: publish batch: %w", err)
 	}
 	return nil
 }
 
-// errChunkSkipped marks a chunk that wrote nothing because an ID of it
-// exists: the chunks before it were written whole, so they can be undone.
-var errChunkSkipped = errors.New("nothing written")
+// errNoSavepoint is a savepoint PostgreSQL refused: there is no transaction.
+var errNoSavepoint = errors.New("not in a transaction")
+
+// nothingWritten is the error of a batch that was rolled back: one that
+// wrote part of a statement (errBatchPartial) wrote nothing in the end,
+// and the ID it met exists now.
+func nothingWritten(err error) error {
+	if errors.Is(err, errBatchPartial) {
+		return fmt.Errorf("%w: an event of the batch was being written by another transaction; nothing written", ErrDuplicateEvent)
+	}
+	return err
+}
+
+// insertEventChunks inserts n events BatchStatementEvents at a time (args
+// holds their parameters in order, len(args)/n per event). It stops at the
+// first statement that fails or meets an existing ID; its caller undoes the
+// statements before it.
+func insertEventChunks(ctx context.Context, ex Execer, n int, args []any) error {
+	per := len(args) / n
+	for i := 0; i < n; i += BatchStatementEvents {
+		k := min(BatchStatementEvents, n-i)
+		if err := insertEventChunk(ctx, ex, k, args[i*per:(i+k)*per]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
 
 // insertEventChunk inserts k events (args: their parameters in order) in
 // one statement, all or none.
-func insertEventChunk(ctx context.Context, tx Execer, k int, args []any) error {
-	res, err := tx.ExecContext(ctx, store.InsertEventBatch(k), args...)
+func insertEventChunk(ctx context.Context, ex Execer, k int, args []any) error {
+	res, err := ex.ExecContext(ctx, store.InsertEventBatch(k), args...)
 	if err != nil {
 		return fmt.Errorf("webhooks: publish batch: %w", err)
 	}
@@ -246,10 +293,10 @@ func insertEventChunk(ctx context.Context, tx Execer, k int, args []any) error {
 	}
 	switch {
 	case n == 0:
-		return fmt.Errorf("%w: an event of the batch exists already (%w)", ErrDuplicateEvent, errChunkSkipped)
+		return fmt.Errorf("%w: an event of the batch exists already", ErrDuplicateEvent)
 	case n != int64(k):
 		// An ID another transaction was inserting at the same time
-		// (PostgreSQL): part of the batch is written.
+		// (PostgreSQL): part of the statement is written.
 		return fmt.Errorf("%w: %d of %d written", errBatchPartial, n, k)
 	}
 	return nil
@@ -259,21 +306,6 @@ func insertEventChunk(ctx context.Context, tx Execer, k int, args []any) error {
 // events: another transaction was inserting one of their IDs. It is not
 // ErrDuplicateEvent, which promises that nothing was written.
 var errBatchPartial = errors.New("webhooks: publish batch: an event ID of the batch was being written by another transaction at the same time; part of the batch is written, roll back")
-
-// deleteEvents deletes the events just inserted by a batch that failed.
-func deleteEvents(ctx context.Context, tx Execer, ids []string) error {
-	for i := 0; i < len(ids); i += BatchStatementEvents {
-		k := min(BatchStatementEvents, len(ids)-i)
-		args := make([]any, k)
-		for j := range args {
-			args[j] = ids[i+j]
-		}
-		if _, err := tx.ExecContext(ctx, store.DeleteEventBatch(k), args...); err != nil {
-			return err
-		}
-	}
-	return nil
-}
 
 // eventRow is a validated event as stored in the outbox.
 type eventRow struct {

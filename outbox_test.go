@@ -309,6 +309,19 @@ func TestPublishBatchOfSeveralStatements(t *testing.T) {
 		if got := countRows(t, db, `SELECT COUNT(*) FROM webhook_outbox WHERE id LIKE 'd-%' OR id LIKE 'b-%'`); got != 0 {
 			t.Fatalf("%d events written through the rolled-back connection", got)
 		}
+		// Outside a transaction, the connection's batch is all or none too.
+		if _, err := PublishBatch(ctx, conn, dup...); !errors.Is(err, ErrDuplicateEvent) {
+			t.Fatalf("on an idle connection: err = %v, want ErrDuplicateEvent", err)
+		}
+		if got := countRows(t, db, `SELECT COUNT(*) FROM webhook_outbox WHERE id LIKE 'b-%'`); got != 0 {
+			t.Fatalf("%d events of a refused batch written through an idle connection", got)
+		}
+		if _, err := PublishBatch(ctx, conn, batch("e", n)...); err != nil {
+			t.Fatalf("on an idle connection: %v", err)
+		}
+		if got := countRows(t, db, `SELECT COUNT(*) FROM webhook_outbox WHERE id LIKE 'e-%'`); got != n {
+			t.Fatalf("%d events written through an idle connection, want %d", got, n)
+		}
 		if _, err := PublishBatch(ctx, db, batch("c", MaxBatchEvents+1)...); !errors.Is(err, ErrInvalidEvent) {
 			t.Fatalf("over MaxBatchEvents: err = %v, want ErrInvalidEvent", err)
 		}
@@ -316,20 +329,19 @@ func TestPublishBatchOfSeveralStatements(t *testing.T) {
 }
 
 // On PostgreSQL an ID that another transaction is inserting, not committed
-// yet, is found only once part of a batch is written. Through a *sql.DB the
-// batch's own transaction rolls it back (ErrDuplicateEvent, nothing
-// written); in the caller's transaction the error is not ErrDuplicateEvent,
-// so a caller that commits on ErrDuplicateEvent does not commit half a
-// batch.
+// yet, is found only once part of a batch is written. PublishBatch rolls
+// that part back (to its savepoint in the caller's transaction, which stays
+// usable; its own transaction through a *sql.DB or an idle *sql.Conn) and
+// returns ErrDuplicateEvent: nothing of the batch is written.
 func TestPublishBatchMeetsAnIDBeingInserted(t *testing.T) {
 	db := openPostgresTestDB(t)
 	ctx := context.Background()
-	for _, inCallersTx := range []bool{false, true} {
+	for _, via := range []string{"db", "tx", "conn"} {
 		other, err := db.BeginTx(ctx, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
-		raceID := fmt.Sprintf("race-%v", inCallersTx)
+		raceID := "race-" + via
 		if _, err := Publish(ctx, other, Event{ID: raceID, Type: "order.placed"}); err != nil {
 			t.Fatal(err)
 		}
@@ -338,19 +350,28 @@ func TestPublishBatchMeetsAnIDBeingInserted(t *testing.T) {
 			events[i] = Event{ID: fmt.Sprintf("%s-%03d", raceID, i), Type: "order.placed"}
 		}
 		events[BatchStatementEvents+5].ID = raceID // in the second statement
-		errc := make(chan error, 1)
+		var ex Execer = db
 		var tx *sql.Tx
-		if inCallersTx {
+		switch via {
+		case "tx":
 			if tx, err = db.BeginTx(ctx, nil); err != nil {
 				t.Fatal(err)
 			}
-			go func() { _, err := PublishBatch(ctx, tx, events...); errc <- err }()
-		} else {
-			go func() { _, err := PublishBatch(ctx, db, events...); errc <- err }()
+			ex = tx
+		case "conn":
+			conn, err := db.Conn(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			ex = conn
 		}
+		errc := make(chan error, 1)
+		go func() { _, err := PublishBatch(ctx, ex, events...); errc <- err }()
 		// The batch's insert waits for the other transaction's row lock.
 		for deadline := time.Now().Add(30 * time.Second); ; {
-			if countRows(t, db, `SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`) > 0 {
+			if countRows(t, db, `SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database()
+  AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO webhook_outbox%'`) > 0 {
 				break
 			}
 			if time.Now().After(deadline) {
@@ -362,20 +383,22 @@ func TestPublishBatchMeetsAnIDBeingInserted(t *testing.T) {
 			t.Fatal(err)
 		}
 		err = <-errc
-		if inCallersTx {
-			// Roll back first: a transaction left open would hold the
-			// schema that the cleanup drops.
-			if err := tx.Rollback(); err != nil {
-				t.Fatal(err)
+		if tx != nil {
+			// The caller's transaction goes on: nothing of the batch in it.
+			var inTx int
+			qerr := tx.QueryRow(`SELECT COUNT(*) FROM webhook_outbox WHERE id LIKE $1`, raceID+"-%").Scan(&inTx)
+			if cerr := tx.Commit(); qerr != nil || cerr != nil {
+				t.Fatalf("the caller's transaction after the batch: %v, %v", qerr, cerr)
 			}
-			if err == nil || errors.Is(err, ErrDuplicateEvent) {
-				t.Fatalf("in the caller's transaction: err = %v, want an error that is not ErrDuplicateEvent", err)
+			if inTx != 0 {
+				t.Fatalf("%d events of the batch in the caller's transaction", inTx)
 			}
-		} else if !errors.Is(err, ErrDuplicateEvent) {
-			t.Fatalf("through *sql.DB: err = %v, want ErrDuplicateEvent", err)
+		}
+		if !errors.Is(err, ErrDuplicateEvent) {
+			t.Fatalf("through %s: err = %v, want ErrDuplicateEvent", via, err)
 		}
 		if got := countRows(t, db, `SELECT COUNT(*) FROM webhook_outbox WHERE id LIKE $1`, raceID+"-%"); got != 0 {
-			t.Fatalf("in the caller's transaction %v: %d events of the batch written", inCallersTx, got)
+			t.Fatalf("through %s: %d events of the batch written", via, got)
 		}
 		if got := countRows(t, db, `SELECT COUNT(*) FROM webhook_outbox WHERE id = $1`, raceID); got != 1 {
 			t.Fatalf("%d rows of the other transaction's event, want 1", got)

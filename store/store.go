@@ -489,21 +489,6 @@ ON CONFLICT (id) DO NOTHING`)
 	return b.String()
 }
 
-// DeleteEventBatch returns the statement that deletes n events by ID
-// (parameters $1..$n): PublishBatch undoing its own first statements.
-func DeleteEventBatch(n int) string {
-	var b strings.Builder
-	b.WriteString(`DELETE FROM webhook_outbox WHERE id IN (`)
-	for i := 1; i <= n; i++ {
-		if i > 1 {
-			b.WriteString(", ")
-		}
-		fmt.Fprintf(&b, "$%d", i)
-	}
-	b.WriteString(`)`)
-	return b.String()
-}
-
 // InsertExpandedEvent adds an event that needs no expansion because its
 // deliveries are inserted with it (a test event for one subscription).
 // Parameters: as InsertEvent, then $7 expanded_at.

@@ -64,12 +64,18 @@ const MaxAttempts = 3
 // failure). The drivers' errors tell their SQLSTATE through a SQLState
 // method (pgconn.PgError does), so no driver is imported here.
 func Retryable(err error) bool {
+	code := SQLState(err)
+	return code == "40P01" || code == "40001"
+}
+
+// SQLState returns the SQLSTATE of a PostgreSQL error in err's chain, or
+// "" when there is none.
+func SQLState(err error) string {
 	var e interface{ SQLState() string }
 	if !errors.As(err, &e) {
-		return false
+		return ""
 	}
-	code := e.SQLState()
-	return code == "40P01" || code == "40001"
+	return e.SQLState()
 }
 
 func runDeferred(ctx context.Context, db *sqlx.DB, fn func(tx Tx) error) error {
