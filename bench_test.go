@@ -214,6 +214,30 @@ func benchWait(b *testing.B, ch <-chan struct{}, what string) {
 	}
 }
 
+// benchWaitRecorded waits until every published event is expanded and no
+// first attempt is pending or in flight: the deliveries the receiver has
+// seen are recorded too. End to end, a delivery counts once recorded, so
+// that recording left for after the last receipt (a group commit) is not
+// taken off the clock. It polls (cheap reads of two partial indexes).
+func benchWaitRecorded(b *testing.B, db *sql.DB) {
+	b.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		var left bool
+		if err := db.QueryRow(`SELECT EXISTS (SELECT 1 FROM webhook_outbox WHERE expanded_at IS NULL)
+    OR EXISTS (SELECT 1 FROM webhook_deliveries WHERE state IN ('pending', 'delivering') AND attempts = 0)`).Scan(&left); err != nil {
+			b.Fatal(err)
+		}
+		if !left {
+			return
+		}
+		if time.Now().After(deadline) {
+			b.Fatal("timed out waiting for the deliveries to be recorded")
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
+}
+
 func benchSubscribe(b *testing.B, db *sql.DB, url string) Subscription {
 	b.Helper()
 	subs, err := NewSubscriptions(db, SubscriptionsConfig{})
