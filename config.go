@@ -47,6 +47,8 @@ type Config struct {
 	// LeaseDuration is how long a claimed delivery stays claimed; if the
 	// dispatcher dies, the delivery becomes due again when it ends. It must
 	// exceed RequestTimeout. Zero means RequestTimeout + LeaseMarginDefault.
+	// On SQLite the outbox lease of direct expansion (see Dispatcher) lasts
+	// the shorter of LeaseDuration and RequestTimeout + 5s.
 	LeaseDuration time.Duration
 	// RetryPolicy decides when failed attempts are retried. Nil means
 	// ExponentialBackoff{}.

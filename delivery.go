@@ -28,7 +28,9 @@ const (
 	// DeliveryPending: waiting for its next attempt.
 	DeliveryPending DeliveryState = "pending"
 	// DeliveryDelivering: claimed by a dispatcher, attempt in flight. If
-	// the dispatcher dies, the claim lapses and it is attempted again.
+	// the dispatcher dies, the claim lapses and it is attempted again. (On
+	// SQLite a first attempt started by direct expansion, see Dispatcher,
+	// is not a row until it is over, so it is never seen in this state.)
 	DeliveryDelivering DeliveryState = "delivering"
 	// DeliverySucceeded: the endpoint answered 2xx.
 	DeliverySucceeded DeliveryState = "succeeded"

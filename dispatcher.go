@@ -26,6 +26,13 @@ import (
 // event into one delivery per matching subscription, claims due deliveries
 // under a lease, sends them concurrently, and records every attempt. Several
 // dispatchers, in one process or many, can share a database.
+//
+// On SQLite, the dispatcher holding the outbox lease expands new events
+// directly: it starts their first attempts without a write transaction and
+// records each event expanded, with its deliveries and their attempts, once
+// those attempts are over, many events per transaction. Until then the
+// event is unexpanded in the database, so a crash loses nothing: the next
+// holder of the lease (once it lapses) delivers it again.
 type Dispatcher struct {
 	db      *sqlx.DB
 	dialect Dialect
@@ -48,6 +55,11 @@ type Dispatcher struct {
 	// retryTurn says the next claim that finds both first attempts and
 	// retries due starts with a retry.
 	retryTurn atomic.Bool
+
+	// heldDeliveries and heldOldest (unix ms, 0: none) count the
+	// deliveries of events held by direct expansion, not rows yet, for the
+	// pending gauges.
+	heldDeliveries, heldOldest atomic.Int64
 
 	mu         sync.Mutex
 	started    bool
@@ -145,10 +157,15 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 		defer func() { stopListening(); <-listening }()
 	}
 
+	x, err := d.newDirect()
+	if err != nil {
+		return fmt.Errorf("webhooks: dispatcher: %w", err)
+	}
 	l := &loop{d: d, ctx: ctx, workCtx: workCtx, perSub: map[string]int{}, behind: map[string]bool{}, perEvent: 1,
 		lim:     newLimiter(),
 		jobs:    make(chan *job, d.cfg.Concurrency),
-		results: make(chan result, d.cfg.Concurrency)}
+		results: make(chan result, d.cfg.Concurrency),
+		direct:  x}
 	return l.run()
 }
 
@@ -219,6 +236,8 @@ type loop struct {
 
 	lim         *limiter         // per-subscription rate limits and 429 pauses
 	unthrottled <-chan time.Time // fires when a held-back subscription may send
+
+	direct *direct // direct expansion (SQLite; see dispatcher_direct.go); nil: expansion by steps
 }
 
 // run is the dispatcher's loop. Each round runs at most one write
@@ -234,16 +253,31 @@ func (l *loop) run() error {
 		close(l.jobs)
 		l.workers.Wait() //nolint:errcheck // workers never fail
 	}()
+	var recorded <-chan directRecorded // the recorder's reports: nil without direct expansion
+	if x := l.direct; x != nil {
+		l.startRecorder()
+		defer func() {
+			close(x.batches)
+			x.recorder.Wait()
+		}()
+		recorded = x.done
+	}
 
 	stopping := false
 	poll := true  // look for work at once on start
 	wake := false // Notify was called: look for new events
 	for {
+		if stopping && l.direct != nil {
+			l.direct.dropWaiting(d.clock.Now()) // nothing more starts
+		}
 		if stopping && l.inFlight == 0 {
 			if len(l.finished) > 0 {
 				// Last chance: record even during a pause. Should it fail,
 				// the claims lapse and those deliveries are made again.
 				l.step(0, false, false, false)
+			}
+			if l.direct != nil {
+				l.closeDirect()
 			}
 			return ErrDispatcherClosed
 		}
@@ -272,6 +306,10 @@ func (l *loop) run() error {
 			}
 			poll, wake = false, false
 		}
+		if !stopping {
+			l.startWaiting()
+		}
+		l.flushDirect(stopping)
 		if l.ctx.Err() != nil {
 			return l.hardStop()
 		}
@@ -293,6 +331,8 @@ func (l *loop) run() error {
 				poll = true
 			case <-l.unthrottled:
 				l.moreDue, l.unthrottled = true, nil
+			case r := <-recorded:
+				l.recorded(r)
 			default:
 			}
 			continue
@@ -317,6 +357,8 @@ func (l *loop) run() error {
 			poll = true
 		case <-l.unthrottled:
 			l.moreDue, l.unthrottled = true, nil
+		case r := <-recorded:
+			l.recorded(r)
 		case <-d.stopping:
 		}
 		select {
@@ -335,18 +377,32 @@ func (l *loop) run() error {
 // pauses.
 func (l *loop) step(free int, claim, expand, probe bool) {
 	d := l.d
-	if probe && len(l.finished) == 0 {
+	direct := expand && l.direct != nil
+	if direct {
+		// New events are expanded without a write, after the claims:
+		// into the slots they leave.
+		expand = false
+		defer func() {
+			if l.ctx.Err() == nil {
+				l.expandDirect(d.cfg.Concurrency - l.inFlight)
+			}
+		}()
+	}
+	if probe && len(l.finished) == 0 && (claim || expand) {
 		var err error
 		claim, expand, err = d.probe(l.ctx, l.perSub, l.lim, claim, expand)
 		l.check("look for work", err)
-		if err != nil || !claim && !expand {
+		if err != nil {
 			return
 		}
+	}
+	if len(l.finished) == 0 && !claim && !expand {
+		return
 	}
 	in := stepInput{results: l.finished, free: free, perSub: l.perSub, perEvent: l.perEvent, limiter: l.lim}
 	if claim {
 		in.claim = free
-		if expand {
+		if expand || direct {
 			// New events and due deliveries share the slots; an odd slot
 			// goes to either in turn.
 			in.claim = free / 2
@@ -438,6 +494,13 @@ func (l *loop) finish(r result) {
 		// failure of the endpoint, so it is not recorded (no attempt
 		// spent, no health counted); the claim lapses and the delivery
 		// is made again later.
+		if r.job.held != nil {
+			l.direct.abort(r)
+		}
+		return
+	}
+	if r.job.held != nil {
+		l.direct.finish(r, l.d.clock.Now())
 		return
 	}
 	l.finished = append(l.finished, r)
@@ -486,6 +549,9 @@ func (l *loop) hardStop() error {
 	l.d.mu.Unlock()
 	for l.inFlight > 0 {
 		l.finish(<-l.results)
+	}
+	if l.direct != nil {
+		l.abandonDirect()
 	}
 	return l.ctx.Err()
 }

@@ -34,6 +34,8 @@ type job struct {
 	RateLimit      float64 `db:"rate_limit"` // deliveries/s; 0: none
 	Payload        []byte  `db:"payload"`    // shared by the jobs of one event: read only
 	claimToken     string
+	held           *heldEvent // direct expansion's event (no row yet); nil for a claimed delivery
+	disabled       bool       // direct expansion: its subscription is disabled
 }
 
 // stepInput is what the loop asks of one step.
@@ -96,7 +98,7 @@ func (d *Dispatcher) step(ctx context.Context, in stepInput) (stepOutput, error)
 	var rec recordBatch
 	if len(in.results) > 0 {
 		var err error
-		if rec, err = d.recordBatch(in.results, now); err != nil {
+		if rec, err = d.recordBatch(in.results, now, nil); err != nil {
 			return stepOutput{}, err
 		}
 	}
@@ -150,6 +152,42 @@ func (d *Dispatcher) step(ctx context.Context, in stepInput) (stepOutput, error)
 	return out, nil
 }
 
+// outboxRow is an unexpanded event as expansion reads it.
+type outboxRow struct {
+	Seq     int64  `db:"seq"`
+	ID      string `db:"id"`
+	Type    string `db:"type"`
+	Tenant  string `db:"tenant"`
+	Payload []byte `db:"payload"`
+}
+
+// subRow is a subscription as expansion reads it.
+type subRow struct {
+	ID         string  `db:"id"`
+	EventTypes string  `db:"event_types"`
+	URL        string  `db:"url"`
+	Secrets    string  `db:"secrets"`
+	Headers    string  `db:"headers"`
+	RateLimit  float64 `db:"rate_limit"`
+	Enabled    bool    `db:"enabled"`
+	patterns   []string
+}
+
+// tenantSubscriptions reads the subscriptions of a tenant, enabled or not,
+// with their event type patterns decoded.
+func (d *Dispatcher) tenantSubscriptions(ctx context.Context, q sqlx.QueryerContext, tenant string) ([]subRow, error) {
+	var subs []subRow
+	if err := sqlx.SelectContext(ctx, q, &subs, d.q.SelectTenantSubscriptions, tenant); err != nil {
+		return nil, fmt.Errorf("select subscriptions: %w", err)
+	}
+	for i := range subs {
+		if err := json.Unmarshal([]byte(subs[i].EventTypes), &subs[i].patterns); err != nil {
+			return nil, fmt.Errorf("subscription %s: stored event types: %w", subs[i].ID, err)
+		}
+	}
+	return subs, nil
+}
+
 // expand turns unexpanded events into deliveries, one per matching enabled
 // subscription of the event's tenant, and marks the events expanded. It
 // reads about as many events as make free deliveries (at most BatchSize);
@@ -158,34 +196,17 @@ func (d *Dispatcher) step(ctx context.Context, in stepInput) (stepOutput, error)
 // pending for later claims.
 func (d *Dispatcher) expand(ctx context.Context, tx dbtx.Tx, in stepInput, free int, taken map[string]int,
 	token string, now time.Time, out *stepOutput) error {
-	type eventRow struct {
-		Seq     int64  `db:"seq"`
-		ID      string `db:"id"`
-		Type    string `db:"type"`
-		Tenant  string `db:"tenant"`
-		Payload []byte `db:"payload"`
-	}
 	limit := d.cfg.BatchSize
 	if in.perEvent > 0 {
 		limit = min(limit, max(1, int(math.Ceil(float64(free)/in.perEvent))))
 	}
-	var events []eventRow
+	var events []outboxRow
 	if err := sqlx.SelectContext(ctx, tx, &events, d.q.SelectUnexpanded, limit); err != nil {
 		return fmt.Errorf("select events: %w", err)
 	}
 	out.moreEvents = len(events) == limit
 	if len(events) == 0 {
 		return nil
-	}
-	type subRow struct {
-		ID         string  `db:"id"`
-		EventTypes string  `db:"event_types"`
-		URL        string  `db:"url"`
-		Secrets    string  `db:"secrets"`
-		Headers    string  `db:"headers"`
-		RateLimit  float64 `db:"rate_limit"`
-		Enabled    bool    `db:"enabled"`
-		patterns   []string
 	}
 	type deliveryRow struct {
 		ID             string  `json:"id"`
@@ -206,13 +227,9 @@ func (d *Dispatcher) expand(ctx context.Context, tx dbtx.Tx, in stepInput, free 
 		seqs = append(seqs, e.Seq)
 		subs, ok := subsOf[e.Tenant]
 		if !ok {
-			if err := sqlx.SelectContext(ctx, tx, &subs, d.q.SelectTenantSubscriptions, e.Tenant); err != nil {
-				return fmt.Errorf("select subscriptions: %w", err)
-			}
-			for i := range subs {
-				if err := json.Unmarshal([]byte(subs[i].EventTypes), &subs[i].patterns); err != nil {
-					return fmt.Errorf("subscription %s: stored event types: %w", subs[i].ID, err)
-				}
+			var err error
+			if subs, err = d.tenantSubscriptions(ctx, tx, e.Tenant); err != nil {
+				return err
 			}
 			subsOf[e.Tenant] = subs
 		}
@@ -368,8 +385,9 @@ type recordBatch struct {
 }
 
 // recordBatch decides each finished attempt's consequence and encodes the
-// rows to store.
-func (d *Dispatcher) recordBatch(results []result, now time.Time) (recordBatch, error) {
+// rows to store. With made set (direct expansion) the deliveries are rows
+// to insert, appended to *made, rather than claims to update.
+func (d *Dispatcher) recordBatch(results []result, now time.Time, made *[]madeRow) (recordBatch, error) {
 	type deliveryRow struct {
 		ID          string `json:"id"`
 		ClaimToken  string `json:"claim_token"`
@@ -390,7 +408,10 @@ func (d *Dispatcher) recordBatch(results []result, now time.Time) (recordBatch, 
 		ResponseBody string `json:"response_body"`
 	}
 	b := recordBatch{outcomes: make([]outcome, len(results))}
-	deliveries := make([]deliveryRow, len(results))
+	var deliveries []deliveryRow
+	if made == nil {
+		deliveries = make([]deliveryRow, len(results))
+	}
 	attempts := make([]attemptRow, len(results))
 	for i := range results {
 		r := &results[i]
@@ -406,23 +427,38 @@ func (d *Dispatcher) recordBatch(results []result, now time.Time) (recordBatch, 
 		r.errText = cleanText([]byte(r.errText))
 		o := d.outcome(r, now)
 		b.outcomes[i] = o
-		deliveries[i] = deliveryRow{ID: r.job.DeliveryID, ClaimToken: r.job.claimToken, State: string(o.state),
-			NextAt: o.nextAt, LastStatus: r.status, LastError: r.errText, At: now.UnixMilli()}
+		var deliveredAt *int64
 		if o.deliveredAt.Valid {
-			deliveries[i].DeliveredAt = &o.deliveredAt.Int64
+			deliveredAt = &o.deliveredAt.Int64
+		}
+		if made != nil {
+			j := r.job
+			*made = append(*made, madeRow{ID: j.DeliveryID, EventID: j.EventID, SubscriptionID: j.SubscriptionID,
+				Tenant: j.Tenant, State: string(o.state), Attempts: 1, NextAt: o.nextAt, LastStatus: r.status,
+				LastError: r.errText, CreatedAt: j.held.readAt.UnixMilli(), At: now.UnixMilli(), DeliveredAt: deliveredAt})
+		} else {
+			deliveries[i] = deliveryRow{ID: r.job.DeliveryID, ClaimToken: r.job.claimToken, State: string(o.state),
+				NextAt: o.nextAt, LastStatus: r.status, LastError: r.errText, At: now.UnixMilli(), DeliveredAt: deliveredAt}
 		}
 		attempts[i] = attemptRow{DeliveryID: r.job.DeliveryID, Attempt: r.job.Attempts + 1,
 			StartedAt: r.started.UnixMilli(), DurationMS: r.duration.Milliseconds(),
 			StatusCode: r.status, Error: r.errText, ResponseBody: r.excerpt}
 	}
-	dj, err := json.Marshal(deliveries)
-	if err != nil {
-		return recordBatch{}, fmt.Errorf("encode delivery outcomes: %w", err)
+	var dj []byte
+	if made == nil {
+		var err error
+		if dj, err = json.Marshal(deliveries); err != nil {
+			return recordBatch{}, fmt.Errorf("encode delivery outcomes: %w", err)
+		}
 	}
-	aj, err := json.Marshal(attempts)
-	if err != nil {
-		return recordBatch{}, fmt.Errorf("encode attempts: %w", err)
+	var aj []byte
+	if made == nil { // else the caller binds the attempts itself
+		var err error
+		if aj, err = json.Marshal(attempts); err != nil {
+			return recordBatch{}, fmt.Errorf("encode attempts: %w", err)
+		}
 	}
+	var err error
 	if b.health, err = healthJSON(results, b.outcomes); err != nil {
 		return recordBatch{}, err
 	}

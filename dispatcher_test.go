@@ -547,9 +547,21 @@ func TestShutdownDeadlineAbortsInFlight(t *testing.T) {
 			t.Fatalf("Shutdown: %v", err)
 		}
 		<-runErr
-		// The aborted attempt stays claimed until its lease lapses; it is not
-		// lost, and not recorded as the endpoint's failure.
-		if n := countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'delivering' AND attempts = 0`); n != 1 {
+		// The aborted attempt stays claimed until its lease lapses (with
+		// direct expansion: its event stays unexpanded, for the next
+		// dispatcher to expand); it is not lost, and not recorded as the
+		// endpoint's failure.
+		if directExpansion(t, db) {
+			if n := countRows(t, db, `SELECT COUNT(*) FROM webhook_outbox WHERE expanded_at IS NULL`); n != 1 {
+				t.Fatalf("aborted delivery lost: %d events unexpanded, want 1", n)
+			}
+			if n := countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries`); n != 0 {
+				t.Fatalf("aborted delivery recorded: %d deliveries", n)
+			}
+			if n := countRows(t, db, `SELECT COUNT(*) FROM webhook_outbox_lease WHERE until > 0`); n != 0 {
+				t.Fatalf("the outbox lease was not released: the next dispatcher would wait for it")
+			}
+		} else if n := countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'delivering' AND attempts = 0`); n != 1 {
 			t.Fatalf("aborted delivery lost or recorded")
 		}
 		if n := countRows(t, db, `SELECT COUNT(*) FROM webhook_attempts`); n != 0 {

@@ -315,3 +315,19 @@ func activeSecrets(column string, now time.Time) ([]string, error) {
 	active, _, err := activeSecretsUntil(column, now.UnixMilli())
 	return active, err
 }
+
+// directExpansion reports whether dispatchers on db expand new events
+// directly, holding them unexpanded while their first attempts run
+// (SQLite; see dispatcher_direct.go), rather than through claimed rows.
+func directExpansion(t testing.TB, db *sql.DB) bool {
+	t.Helper()
+	d, err := detectDialect(db, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	q, err := d.Queries()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return q.OutboxLease.Take != ""
+}

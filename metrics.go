@@ -42,7 +42,9 @@ const (
 	// it, retries included, measured by the dispatcher's Clock.
 	MetricDeliveryLag = "webhooks.delivery.lag"
 	// MetricPendingDeliveries is a gauge of the deliveries not finished yet
-	// (states pending and delivering) in the whole database.
+	// (states pending and delivering) in the whole database, plus, on
+	// SQLite, those the reporting dispatcher started straight from the
+	// outbox and has not recorded yet (see Dispatcher).
 	MetricPendingDeliveries = "webhooks.deliveries.pending"
 	// MetricOldestPendingAge is a gauge of the age in seconds of the oldest
 	// unfinished delivery (since its creation, by the dispatcher's Clock),
@@ -247,6 +249,12 @@ func (d *Dispatcher) pendingStats(ctx context.Context) (int64, sql.NullInt64, er
 	var oldest sql.NullInt64
 	if err := d.db.QueryRowContext(ctx, store.SelectPendingStats).Scan(&n, &oldest); err != nil {
 		return 0, sql.NullInt64{}, fmt.Errorf("webhooks: count pending deliveries: %w", err)
+	}
+	// With direct expansion, the deliveries of the events this dispatcher
+	// holds are not rows yet.
+	n += d.heldDeliveries.Load()
+	if at := d.heldOldest.Load(); at > 0 && (!oldest.Valid || at < oldest.Int64) {
+		oldest = sql.NullInt64{Int64: at, Valid: true}
 	}
 	return n, oldest, nil
 }

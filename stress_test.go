@@ -7,10 +7,12 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -62,7 +64,19 @@ func (s *stressLogSink) requireQuiet(t *testing.T) {
 // stressEventIDs returns the event IDs of the deliveries in state.
 func stressEventIDs(t *testing.T, db *sql.DB, state DeliveryState) map[string]bool {
 	t.Helper()
-	rows, err := db.Query(`SELECT event_id FROM webhook_deliveries WHERE state = $1`, string(state))
+	return stressIDs(t, db, `SELECT event_id FROM webhook_deliveries WHERE state = $1`, string(state))
+}
+
+// stressUnexpanded returns the IDs of the events not expanded yet.
+func stressUnexpanded(t *testing.T, db *sql.DB) map[string]bool {
+	t.Helper()
+	return stressIDs(t, db, `SELECT id FROM webhook_outbox WHERE expanded_at IS NULL`)
+}
+
+// stressIDs returns the IDs a query selects, as a set.
+func stressIDs(t *testing.T, db *sql.DB, query string, args ...any) map[string]bool {
+	t.Helper()
+	rows, err := db.Query(query, args...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -105,18 +119,18 @@ const (
 	crashChildEnv       = "OUTBOXHOOK_CRASH_CHILD"
 	crashDBEnv          = "OUTBOXHOOK_CRASH_DB"
 	crashURLEnv         = "OUTBOXHOOK_CRASH_RECEIVER_URL"
+	crashPerSubEnv      = "OUTBOXHOOK_CRASH_PER_SUB"
 	crashUAChild        = "outboxhook-crash-child"
 	crashUARestarted    = "outboxhook-crash-restarted"
-	crashPerSub         = 8
 	crashRequestTimeout = 5 * time.Second
 	crashLease          = 10 * time.Second
 )
 
-func crashConfig(ua string, clock Clock, logger *slog.Logger) Config {
+func crashConfig(ua string, perSub int, clock Clock, logger *slog.Logger) Config {
 	return Config{
 		PollInterval:               5 * time.Millisecond,
 		Concurrency:                32,
-		MaxInFlightPerSubscription: crashPerSub,
+		MaxInFlightPerSubscription: perSub,
 		RequestTimeout:             crashRequestTimeout,
 		LeaseDuration:              crashLease,
 		UserAgent:                  ua,
@@ -144,7 +158,11 @@ func TestCrashHelperProcess(t *testing.T) {
 	if err := db.QueryRowContext(ctx, `SELECT COUNT(*) FROM webhook_subscriptions WHERE url = $1`, os.Getenv(crashURLEnv)).Scan(&n); err != nil || n != 1 {
 		t.Fatalf("child sees %d subscriptions to the receiver (err %v)", n, err)
 	}
-	d, err := NewDispatcher(db, allowLoopback(crashConfig(crashUAChild, nil, nil)))
+	perSub, err := strconv.Atoi(os.Getenv(crashPerSubEnv))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := NewDispatcher(db, allowLoopback(crashConfig(crashUAChild, perSub, nil, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -155,9 +173,20 @@ func TestCrashHelperProcess(t *testing.T) {
 // TestCrashedDispatcherLosesNothing kills (SIGKILL) a dispatcher process in
 // the middle of 1,000 deliveries, with requests in flight, and starts a new
 // dispatcher on the same database file: every event is delivered, and the
-// only duplicates are deliveries the dead process had claimed but not
-// recorded.
+// only duplicates are deliveries the dead process had claimed, or started
+// from events it held unexpanded, and not recorded.
+//
+// With perSub=8 the subscription's cap binds: the requests in flight at the
+// kill are claimed rows ('delivering'). With perSub=32 (= Concurrency) they
+// were started straight from the outbox (direct expansion): their events
+// are unexpanded at the kill.
 func TestCrashedDispatcherLosesNothing(t *testing.T) {
+	for _, perSub := range []int{8, 32} {
+		t.Run(fmt.Sprintf("perSub=%d", perSub), func(t *testing.T) { testCrashedDispatcher(t, perSub) })
+	}
+}
+
+func testCrashedDispatcher(t *testing.T, crashPerSub int) {
 	const total, answeredBeforeHold = 1000, 300
 	path := filepath.Join(t.TempDir(), "crash.db")
 	db := openTestDBAt(t, path)
@@ -213,7 +242,8 @@ func TestCrashedDispatcherLosesNothing(t *testing.T) {
 	ids := stressPublish(t, db, "", "order.created", total)
 
 	cmd := exec.Command(os.Args[0], "-test.run=^TestCrashHelperProcess$", "-test.count=1")
-	cmd.Env = append(os.Environ(), crashChildEnv+"=1", crashDBEnv+"="+path, crashURLEnv+"="+rc.URL())
+	cmd.Env = append(os.Environ(), crashChildEnv+"=1", crashDBEnv+"="+path, crashURLEnv+"="+rc.URL(),
+		crashPerSubEnv+"="+strconv.Itoa(crashPerSub))
 	var childOut bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &childOut, &childOut
 	if err := cmd.Start(); err != nil {
@@ -259,8 +289,17 @@ func TestCrashedDispatcherLosesNothing(t *testing.T) {
 	if len(succeededAtKill) == 0 {
 		t.Fatal("the child recorded no delivery before it was killed")
 	}
+	// What the dead process may have sent without recording it: claimed
+	// deliveries, and the events it held unexpanded.
+	unrecordedAtKill := maps.Clone(deliveringAtKill)
+	unexpandedAtKill := stressUnexpanded(t, db)
+	maps.Copy(unrecordedAtKill, unexpandedAtKill)
+	direct := directExpansion(t, db) && crashPerSub == 32
 	for _, id := range heldIDs {
-		if !deliveringAtKill[id] {
+		switch {
+		case direct && !unexpandedAtKill[id]:
+			t.Errorf("event %s was in flight when the child died, started from the outbox, but is not unexpanded", id)
+		case !direct && !deliveringAtKill[id]:
 			t.Errorf("event %s was in flight when the child died but its delivery is not 'delivering'", id)
 		}
 	}
@@ -272,7 +311,7 @@ func TestCrashedDispatcherLosesNothing(t *testing.T) {
 	clock := newFakeClock()
 	clock.Advance(crashLease + time.Minute)
 	logs := &stressLogSink{}
-	_, stop := startDispatcher(t, db, crashConfig(crashUARestarted, clock, logs.logger()))
+	_, stop := startDispatcher(t, db, crashConfig(crashUARestarted, crashPerSub, clock, logs.logger()))
 	remaining := map[string]bool{}
 	for _, id := range ids {
 		if !succeededAtKill[id] {
@@ -322,21 +361,21 @@ func TestCrashedDispatcherLosesNothing(t *testing.T) {
 		if n > 1 {
 			dupIDs++
 			extra += n - 1
-			if !deliveringAtKill[id] {
-				t.Errorf("event %s received %d times, but the child had not left its delivery claimed and unrecorded", id, n)
+			if !unrecordedAtKill[id] {
+				t.Errorf("event %s received %d times, but the child had not left its delivery claimed or its event unexpanded", id, n)
 			}
 		}
 	}
-	if extra > len(deliveringAtKill) {
-		t.Errorf("%d duplicate requests, more than the %d deliveries claimed but unrecorded at the kill", extra, len(deliveringAtKill))
+	if extra > len(unrecordedAtKill) {
+		t.Errorf("%d duplicate requests, more than the %d deliveries claimed or events unexpanded at the kill", extra, len(unrecordedAtKill))
 	}
 	for _, id := range heldIDs {
 		if received[id] < 2 {
 			t.Errorf("event %s, in flight at the kill, was not delivered again", id)
 		}
 	}
-	t.Logf("%d requests for %d events: %d events received twice (bound: %d claimed but unrecorded at the kill)",
-		requests, total, dupIDs, len(deliveringAtKill))
+	t.Logf("%d requests for %d events: %d events received twice (bound: %d claimed or unexpanded at the kill)",
+		requests, total, dupIDs, len(unrecordedAtKill))
 	rc.wait(requests) // every request, the child's too, verified with the reference library
 }
 
@@ -568,9 +607,20 @@ func TestHangingEndpointDoesNotBlockOthers(t *testing.T) {
 				events, open, arrived, perSub, perSub)
 		}
 		mu.Unlock()
-		if n := countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries d JOIN webhook_subscriptions s ON s.id = d.subscription_id
-			WHERE s.url = $1 AND d.state = 'delivering'`, hanging.URL()); n != perSub {
-			t.Errorf("%d deliveries to the hanging endpoint are claimed, want %d", n, perSub)
+		claimed := countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries d JOIN webhook_subscriptions s ON s.id = d.subscription_id
+			WHERE s.url = $1 AND d.state = 'delivering'`, hanging.URL())
+		if directExpansion(t, db) {
+			// The hanging requests were started straight from the outbox:
+			// their events stay unexpanded until they end, and nothing
+			// else of the hanging endpoint's is claimed.
+			if claimed != 0 {
+				t.Errorf("%d deliveries to the hanging endpoint are claimed, want none", claimed)
+			}
+			if n := countRows(t, db, `SELECT COUNT(*) FROM webhook_outbox WHERE expanded_at IS NULL`); n < perSub {
+				t.Errorf("%d events unexpanded, want at least the %d whose requests hang", n, perSub)
+			}
+		} else if claimed != perSub {
+			t.Errorf("%d deliveries to the hanging endpoint are claimed, want %d", claimed, perSub)
 		}
 
 		releaseHanging()

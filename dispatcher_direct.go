@@ -1,0 +1,688 @@
+package webhooks
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"sync"
+	"time"
+
+	"github.com/jmoiron/sqlx"
+
+	"github.com/outboxhook/webhooks/internal/dbtx"
+)
+
+// Direct expansion (SQLite). SQLite has one writer at a time, so a write
+// transaction before every batch of requests is what limits a dispatcher
+// there, however little it writes. So on SQLite the dispatcher that holds
+// the outbox lease (a one-row table) expands new events without writing:
+// it reads them past a cursor, starts their deliveries at once, and keeps
+// each event in memory until the attempts it started are over. Then a
+// recorder goroutine writes the event expanded together with all its
+// deliveries (those made, with their outcome and attempt; those that could
+// not start, pending or paused) in group commits of many events, which also
+// renew the lease.
+//
+// Crash safety: an event is marked expanded in the transaction that writes
+// its deliveries, so an event in memory is still unexpanded in the
+// database. Should the dispatcher die, the one that takes the lease over
+// once it lapses reads those events again and delivers them again (at
+// least once: what was delivered but not yet recorded is sent twice, never
+// lost). A delivery starts only while the lease has more than RequestTimeout
+// left, so no request of a dead or stalled holder is still in flight when
+// another dispatcher takes the lease. Deliveries that are retried, or that
+// could not start at once, are rows and go through claims as on
+// PostgreSQL, by whichever dispatcher claims them.
+
+// directBatchMin is how many finished attempts a group commit waits for
+// while more are in flight (it records at once when none are, and after a
+// PollInterval in any case): end to end, group commits of about a dozen
+// attempts (whatever gathered while the last one ran) delivered at 0.45×
+// the raw client's rate and groups of 256 at 0.6× (BENCHMARKS.md §3).
+const directBatchMin = 256
+
+// outboxLeaseSlack is how much longer than RequestTimeout the outbox lease
+// lasts from each renewal (LeaseDuration, if shorter): after a crash, new
+// events wait that long before another dispatcher takes the lease over.
+const outboxLeaseSlack = 5 * time.Second
+
+// errOutboxLeaseLost: another dispatcher took the outbox lease over.
+var errOutboxLeaseLost = errors.New("the outbox lease was taken over by another dispatcher")
+
+// heldEvent is an event read by direct expansion and not yet recorded.
+type heldEvent struct {
+	seq     int64
+	id      string
+	tenant  string
+	readAt  time.Time
+	made    int      // its deliveries
+	running int      // its deliveries in flight
+	aborted bool     // a delivery was aborted (hard stop): never recorded
+	results []result // its finished attempts
+	later   []*job   // its deliveries not started: recorded pending (or paused)
+}
+
+// direct is the loop's direct expansion state (nil on PostgreSQL).
+type direct struct {
+	owner  string    // this dispatcher's name in the lease
+	until  time.Time // the lease as this dispatcher last wrote it; zero: not held
+	cursor int64     // the highest seq held: later events are read past it
+	rescan bool      // the lease lapsed and was taken again: read from the start, skipping held
+	held   map[int64]*heldEvent
+	// buffer holds events read but not started yet, in seq order: a read
+	// takes a BatchSize of them, as many as the free slots start or more.
+	buffer  []outboxRow
+	more    bool // the last read was full: the outbox may hold events past the buffer
+	running int  // direct deliveries in flight or waiting
+	// waiting holds, per subscription, deliveries of held events that
+	// wait for a slot (at most MaxInFlightPerSubscription each).
+	waiting  map[string][]*job
+	nWaiting int
+	// made counts the deliveries of the events held, and oldest (unix ms,
+	// 0: none) when the oldest of them was read: the pending gauges'
+	// share (Dispatcher.heldDeliveries, heldOldest).
+	made       int64
+	oldest     int64
+	oldestGone bool // oldest was forgotten: look for the next one
+
+	ready   []*heldEvent // events whose attempts are all over, to record
+	readyAt time.Time    // when the oldest of ready became ready
+	results int          // attempts in ready
+
+	busy     bool // a batch is with the recorder
+	batches  chan []*heldEvent
+	done     chan directRecorded
+	recorder sync.WaitGroup
+}
+
+// directRecorded is what the recorder did with a batch.
+type directRecorded struct {
+	events []*heldEvent
+	until  time.Time // the lease it renewed
+	later  bool      // it inserted deliveries still to make
+	ops    []OperationalEvent
+	err    error
+}
+
+// newDirect returns the direct expansion state of a loop, or nil when the
+// dialect has none.
+func (d *Dispatcher) newDirect() (*direct, error) {
+	if d.q.OutboxLease.Take == "" {
+		return nil, nil
+	}
+	owner, err := newID("dsp_")
+	if err != nil {
+		return nil, err
+	}
+	return &direct{owner: owner, held: map[int64]*heldEvent{}, waiting: map[string][]*job{},
+		batches: make(chan []*heldEvent, 1), done: make(chan directRecorded, 1)}, nil
+}
+
+// outboxLease is how long the outbox lease lasts from a renewal, and
+// startMargin how much more than RequestTimeout it must have left for a
+// delivery to start under it.
+func (d *Dispatcher) outboxLease() time.Duration {
+	return min(d.cfg.LeaseDuration, d.cfg.RequestTimeout+outboxLeaseSlack)
+}
+
+func (d *Dispatcher) startMargin() time.Duration {
+	return min(time.Second, (d.outboxLease()-d.cfg.RequestTimeout)/2)
+}
+
+// startRecorder starts the recorder goroutine; stopRecorder ends it.
+func (l *loop) startRecorder() {
+	x := l.direct
+	x.recorder.Add(1)
+	go func() {
+		defer x.recorder.Done()
+		for events := range x.batches {
+			x.done <- l.d.recordDirect(l.ctx, x.owner, events)
+		}
+	}()
+}
+
+// expandDirect reads new events into up to free deliveries and starts
+// them, taking or renewing the outbox lease first when it has too little
+// left. Without the lease (another dispatcher holds it) it expands
+// nothing: that one does.
+func (l *loop) expandDirect(free int) {
+	d, x := l.d, l.direct
+	if l.paused() {
+		return
+	}
+	if free <= 0 {
+		l.moreEvents = true // no slot to expand into
+		return
+	}
+	now := d.clock.Now()
+	if x.until.Sub(now) < d.cfg.RequestTimeout+d.startMargin() {
+		held, err := l.takeLease(now)
+		l.check("take the outbox lease", err)
+		if err != nil || !held {
+			l.moreEvents = false // look again at the next poll
+			return
+		}
+	}
+	limit := d.cfg.BatchSize
+	if l.perEvent > 0 {
+		limit = min(limit, max(1, int(math.Ceil(float64(free)/l.perEvent))))
+	}
+	if len(x.buffer) < limit {
+		after, skip := x.cursor, 0
+		if x.rescan {
+			after, skip, x.buffer = 0, len(x.held), nil
+		}
+		var read []outboxRow
+		n := max(limit, d.cfg.BatchSize) + skip
+		err := sqlx.SelectContext(l.ctx, d.db, &read, d.q.OutboxLease.SelectEvents, after, n)
+		l.check("read new events", err)
+		if err != nil {
+			return
+		}
+		x.rescan, x.more = false, len(read) == n
+		for _, e := range read {
+			if x.held[e.Seq] == nil { // else in memory already (read before the lease lapsed)
+				x.buffer = append(x.buffer, e)
+				x.cursor = max(x.cursor, e.Seq)
+			}
+		}
+	}
+	events := x.buffer[:min(limit, len(x.buffer))]
+	x.buffer = x.buffer[len(events):]
+	l.moreEvents = x.more || len(x.buffer) > 0
+	var err error
+	subsOf := map[string][]subRow{}
+	in := stepInput{perSub: l.perSub, limiter: l.lim}
+	expanded, made := 0, 0
+	for i, e := range events {
+		subs, ok := subsOf[e.Tenant]
+		if !ok {
+			if subs, err = d.tenantSubscriptions(l.ctx, d.db, e.Tenant); err != nil {
+				l.check("read subscriptions", err)
+				x.buffer = append(events[i:], x.buffer...) // not started
+				return
+			}
+			subsOf[e.Tenant] = subs
+		}
+		he := &heldEvent{seq: e.Seq, id: e.ID, tenant: e.Tenant, readAt: now}
+		var jobs []*job
+		for _, s := range subs {
+			if !matchesAny(s.patterns, e.Type) {
+				continue
+			}
+			id, err := newID("dlv_")
+			if err != nil {
+				l.check("expand events", err) // before any delivery of the event started
+				x.buffer = append(events[i:], x.buffer...)
+				return
+			}
+			jobs = append(jobs, &job{DeliveryID: id, EventID: e.ID, SubscriptionID: s.ID, Tenant: e.Tenant,
+				URL: s.URL, Secrets: s.Secrets, Headers: s.Headers, RateLimit: s.RateLimit,
+				Payload: e.Payload, held: he, disabled: !s.Enabled})
+		}
+		x.held[e.Seq] = he
+		he.made = len(jobs)
+		x.made += int64(he.made)
+		if at := now.UnixMilli(); he.made > 0 && (x.oldest == 0 || at < x.oldest) {
+			x.oldest = at
+		}
+		expanded++
+		made += len(jobs)
+		for _, j := range jobs {
+			switch {
+			case j.disabled:
+				he.later = append(he.later, j) // goes in paused
+			case free > 0 && d.admit(&in, j, nil, now):
+				free--
+				he.running++
+				x.running++
+				l.start(j) // counts it in l.perSub, which admit reads
+			case (free == 0 || l.perSub[j.SubscriptionID] >= d.cfg.MaxInFlightPerSubscription) &&
+				!l.behind[j.SubscriptionID] && len(x.waiting[j.SubscriptionID]) < d.cfg.MaxInFlightPerSubscription:
+				// No slot free, or its subscription at its cap: it waits
+				// in memory for a slot (startWaiting), up to a cap's worth
+				// per subscription.
+				x.waiting[j.SubscriptionID] = append(x.waiting[j.SubscriptionID], j)
+				x.nWaiting++
+				he.running++
+				x.running++
+			case free == 0:
+				he.later = append(he.later, j)
+				l.moreDue = true // no slot left: claimed once recorded
+			default:
+				// At its cap or held back by its limiter: claimed once
+				// recorded, when the subscription may send again.
+				he.later = append(he.later, j)
+				l.behind[j.SubscriptionID] = true
+			}
+		}
+		if he.running == 0 {
+			x.markReady(he, now)
+		}
+	}
+	if expanded > 0 {
+		l.perEvent = 0.8*l.perEvent + 0.2*float64(made)/float64(expanded)
+		l.d.countHeld(x)
+	}
+}
+
+// countHeld publishes, for the pending gauges, how many deliveries the
+// events in memory make and when the oldest was read (looking for it again
+// only once the oldest is gone).
+func (d *Dispatcher) countHeld(x *direct) {
+	if x.oldestGone {
+		x.oldest, x.oldestGone = 0, false
+		for _, he := range x.held {
+			if at := he.readAt.UnixMilli(); he.made > 0 && (x.oldest == 0 || at < x.oldest) {
+				x.oldest = at
+			}
+		}
+	}
+	d.heldDeliveries.Store(x.made)
+	d.heldOldest.Store(x.oldest)
+}
+
+// startWaiting starts the waiting deliveries that may start now: a slot
+// is free, their subscription below its cap and within its rate limit, and
+// the lease long enough. A subscription whose due rows the last claim left
+// behind gets its freed slots through claims first (first attempts of new
+// events do not starve its retries).
+func (l *loop) startWaiting() {
+	d, x := l.d, l.direct
+	if x == nil || x.nWaiting == 0 || l.inFlight >= d.cfg.Concurrency || l.paused() {
+		return
+	}
+	now := d.clock.Now()
+	if x.until.Sub(now) < d.cfg.RequestTimeout+d.startMargin() {
+		held, err := l.takeLease(now)
+		l.check("take the outbox lease", err)
+		if err != nil || !held {
+			x.dropWaiting(now) // recorded as rows, or made by the next holder
+			return
+		}
+	}
+	in := stepInput{perSub: l.perSub, limiter: l.lim}
+	for s, q := range x.waiting {
+		if l.behind[s] {
+			continue
+		}
+		for len(q) > 0 && l.inFlight < d.cfg.Concurrency && d.admit(&in, q[0], nil, now) {
+			l.start(q[0])
+			q = q[1:]
+			x.nWaiting--
+		}
+		if len(q) == 0 {
+			delete(x.waiting, s)
+		} else {
+			x.waiting[s] = q
+		}
+	}
+}
+
+// dropWaiting turns the waiting deliveries into rows to record pending
+// (Shutdown, or the lease lost): claims make them.
+func (x *direct) dropWaiting(now time.Time) {
+	for s, q := range x.waiting {
+		for _, j := range q {
+			he := j.held
+			he.later = append(he.later, j)
+			he.running--
+			x.running--
+			if he.running == 0 && !he.aborted {
+				x.markReady(he, now)
+			}
+		}
+		delete(x.waiting, s)
+	}
+	x.nWaiting = 0
+}
+
+// takeLease takes or renews the outbox lease unless another dispatcher
+// holds it, looking before it writes.
+func (l *loop) takeLease(now time.Time) (bool, error) {
+	d, x := l.d, l.direct
+	var lease struct {
+		Owner string `db:"owner"`
+		Until int64  `db:"until"`
+	}
+	if err := sqlx.GetContext(l.ctx, d.db, &lease, d.q.OutboxLease.Select); err != nil {
+		return false, fmt.Errorf("read the outbox lease: %w", err)
+	}
+	if lease.Owner != x.owner && lease.Until > now.UnixMilli() {
+		return false, nil
+	}
+	until := now.Add(d.outboxLease())
+	res, err := d.db.ExecContext(l.ctx, d.q.OutboxLease.Take, x.owner, until.UnixMilli(), now.UnixMilli())
+	if err != nil {
+		return false, fmt.Errorf("take the outbox lease: %w", err)
+	}
+	if n, err := res.RowsAffected(); err != nil || n != 1 {
+		return false, err
+	}
+	x.renewed(until, now)
+	return true, nil
+}
+
+// renewed notes a lease written until then. If it had lapsed meanwhile,
+// another dispatcher may have expanded (or left unexpanded) events below
+// the cursor: the next read starts over.
+func (x *direct) renewed(until, now time.Time) {
+	if !x.until.After(now) {
+		x.buffer = nil
+		x.rescan = len(x.held) > 0
+		if !x.rescan {
+			x.cursor = 0
+		}
+	}
+	if until.After(x.until) {
+		x.until = until
+	}
+}
+
+// finish takes a direct delivery's finished attempt.
+func (x *direct) finish(r result, now time.Time) {
+	he := r.job.held
+	he.running--
+	x.running--
+	he.results = append(he.results, r)
+	if he.running == 0 && !he.aborted {
+		x.markReady(he, now)
+	}
+}
+
+// abort takes a direct delivery aborted by a hard stop: its event is not
+// recorded, so the next holder of the lease expands it again.
+func (x *direct) abort(r result) {
+	r.job.held.running--
+	r.job.held.aborted = true
+	x.running--
+}
+
+func (x *direct) markReady(he *heldEvent, now time.Time) {
+	if len(x.ready) == 0 {
+		x.readyAt = now
+	}
+	x.ready = append(x.ready, he)
+	x.results += len(he.results)
+}
+
+// flushDirect hands the ready events to the recorder when it is idle and
+// they are worth a transaction: directBatchMin attempts, or nothing else in
+// flight, or the oldest ready for a PollInterval, or force.
+func (l *loop) flushDirect(force bool) {
+	x := l.direct
+	if x == nil || x.busy || len(x.ready) == 0 || l.paused() {
+		return
+	}
+	if !force && x.running > 0 && x.results < directBatchMin && l.d.clock.Now().Sub(x.readyAt) < l.d.cfg.PollInterval {
+		return
+	}
+	x.busy = true
+	x.batches <- x.ready // never blocks: the recorder is idle
+	x.ready, x.results = nil, 0
+}
+
+// recorded takes the recorder's report on a batch.
+func (l *loop) recorded(r directRecorded) {
+	x := l.direct
+	x.busy = false
+	if errors.Is(r.err, errOutboxLeaseLost) {
+		// The dispatcher that took the lease over expands these events
+		// again: what was delivered is delivered again.
+		l.d.log.Warn("webhooks: dispatcher: lost the outbox lease; deliveries made but not recorded will be made again",
+			slog.Int("events", len(r.events)))
+		x.until = time.Time{}
+		x.forget(r.events)
+		l.d.countHeld(x)
+		return
+	}
+	l.check("record deliveries", r.err)
+	if r.err != nil {
+		// Kept, to record again after the pause.
+		x.ready = append(r.events, x.ready...)
+		for _, he := range r.events {
+			x.results += len(he.results)
+		}
+		x.readyAt = l.d.clock.Now()
+		return
+	}
+	x.forget(r.events)
+	l.d.countHeld(x)
+	x.renewed(r.until, l.d.clock.Now())
+	if r.later {
+		l.moreDue = true
+	}
+	l.d.raise(l.ctx, r.ops)
+}
+
+// forget drops recorded (or given up) events from memory.
+func (x *direct) forget(events []*heldEvent) {
+	top := false
+	for _, he := range events {
+		delete(x.held, he.seq)
+		top = top || he.seq == x.cursor
+		x.made -= int64(he.made)
+		x.oldestGone = x.oldestGone || he.made > 0 && he.readAt.UnixMilli() <= x.oldest
+	}
+	if top && len(x.buffer) == 0 {
+		// The cursor stays at the highest seq held or buffered: the
+		// outbox holds that row (unexpanded), so SQLite never hands its
+		// seq, or a lower one, to a new event. Past a recorded event it
+		// could (retention may delete it, and SQLite reuses the highest
+		// rowid).
+		x.cursor = 0
+		for seq := range x.held {
+			x.cursor = max(x.cursor, seq)
+		}
+	}
+}
+
+// closeDirect records what is ready once nothing is in flight (Shutdown)
+// and releases the lease, so another dispatcher can take it at once.
+func (l *loop) closeDirect() {
+	x := l.direct
+	if x.busy {
+		l.recorded(<-x.done)
+	}
+	if len(x.ready) > 0 {
+		events := x.ready
+		x.ready, x.results = nil, 0
+		r := l.d.recordDirect(l.ctx, x.owner, events)
+		if r.err != nil && !errors.Is(r.err, errOutboxLeaseLost) {
+			l.d.log.Error("webhooks: dispatcher: record deliveries at shutdown; they will be made again",
+				slog.Any("error", r.err), slog.Int("events", len(events)))
+		} else {
+			l.recorded(r)
+		}
+	}
+	l.releaseLease(l.ctx)
+}
+
+// abandonDirect (hard stop, nothing in flight any more) waits for the
+// recorder and releases the lease, briefly, past the canceled context:
+// what was not recorded is delivered again by the next holder.
+func (l *loop) abandonDirect() {
+	x := l.direct
+	if x.busy {
+		r := <-x.done
+		x.busy = false
+		if r.err == nil {
+			x.forget(r.events)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(l.ctx), time.Second)
+	defer cancel()
+	l.releaseLease(ctx)
+}
+
+func (l *loop) releaseLease(ctx context.Context) {
+	x := l.direct
+	if x.until.IsZero() {
+		return
+	}
+	if _, err := l.d.db.ExecContext(ctx, l.d.q.OutboxLease.Release, x.owner); err != nil {
+		l.d.log.Warn("webhooks: dispatcher: release the outbox lease; another dispatcher takes it once it lapses",
+			slog.Any("error", err))
+		return
+	}
+	x.until = time.Time{}
+}
+
+// directStatementRows is how many rows one statement of a group commit
+// binds: SQLite prepares long statements in more than linear time, and
+// statements of one size are cached.
+const directStatementRows = 50
+
+// execChunks runs the statement stmt(k) for the rows in args (cols values
+// each), directStatementRows rows at a time, and returns the rows affected.
+func execChunks(ctx context.Context, tx dbtx.Tx, stmt func(k int) string, cols int, args []any) (int64, error) {
+	var total int64
+	for len(args) > 0 {
+		k := min(directStatementRows, len(args)/cols)
+		res, err := tx.ExecContext(ctx, stmt(k), args[:k*cols]...)
+		if err != nil {
+			return 0, err
+		}
+		n, err := res.RowsAffected()
+		if err != nil {
+			return 0, err
+		}
+		total += n
+		args = args[k*cols:]
+	}
+	return total, nil
+}
+
+// madeRow is a delivery direct expansion inserts (OutboxLease.InsertDeliveries).
+type madeRow struct {
+	ID             string
+	EventID        string
+	SubscriptionID string
+	Tenant         string
+	State          string
+	Attempts       int
+	NextAt         int64
+	LastStatus     int
+	LastError      string
+	CreatedAt      int64
+	At             int64
+	DeliveredAt    *int64
+}
+
+// recordDirect writes events expanded with their deliveries, in one
+// transaction that renews the lease (and fails with errOutboxLeaseLost if
+// another dispatcher holds it).
+func (d *Dispatcher) recordDirect(ctx context.Context, owner string, events []*heldEvent) directRecorded {
+	out := directRecorded{events: events}
+	now := d.clock.Now()
+	var results []result
+	seqs := make([]int64, 0, len(events))
+	for _, he := range events {
+		results = append(results, he.results...)
+		seqs = append(seqs, he.seq)
+	}
+	var rows []madeRow
+	rec, err := d.recordBatch(results, now, &rows)
+	if err != nil {
+		out.err = err
+		return out
+	}
+	made := len(rows)
+	for _, he := range events {
+		for _, j := range he.later {
+			rows = append(rows, madeRow{ID: j.DeliveryID, EventID: j.EventID, SubscriptionID: j.SubscriptionID,
+				Tenant: j.Tenant, State: string(DeliveryPending), NextAt: he.readAt.UnixMilli(),
+				CreatedAt: he.readAt.UnixMilli(), At: now.UnixMilli()})
+			out.later = true
+		}
+	}
+	rowArgs := make([]any, 0, 12*len(rows))
+	for i := range rows {
+		r := &rows[i]
+		var deliveredAt any
+		if r.DeliveredAt != nil {
+			deliveredAt = *r.DeliveredAt
+		}
+		rowArgs = append(rowArgs, r.ID, r.EventID, r.SubscriptionID, r.Tenant, r.State, r.Attempts, r.NextAt,
+			r.LastStatus, r.LastError, r.CreatedAt, r.At, deliveredAt)
+	}
+	attemptArgs := make([]any, 0, 7*len(results))
+	for i := range results {
+		r := &results[i] // its errText made storable by recordBatch
+		attemptArgs = append(attemptArgs, r.job.DeliveryID, r.job.Attempts+1, r.started.UnixMilli(),
+			r.duration.Milliseconds(), r.status, r.errText, r.excerpt)
+	}
+	q := d.q.OutboxLease
+	until := now.Add(d.outboxLease())
+	out.err = d.inTx(ctx, func(tx dbtx.Tx) error {
+		out.ops = nil
+		res, err := tx.ExecContext(ctx, q.Take, owner, until.UnixMilli(), now.UnixMilli())
+		if err != nil {
+			return fmt.Errorf("renew the outbox lease: %w", err)
+		}
+		if n, err := res.RowsAffected(); err != nil {
+			return fmt.Errorf("renew the outbox lease: %w", err)
+		} else if n != 1 {
+			return errOutboxLeaseLost
+		}
+		if len(rows) > 0 {
+			n, err := execChunks(ctx, tx, q.InsertDeliveries, 12, rowArgs)
+			if err != nil {
+				return fmt.Errorf("insert deliveries: %w", err)
+			}
+			var lost map[string]bool
+			if n < int64(len(rows)) && made > 0 {
+				// Rare: a subscription was deleted, or the event expanded
+				// by another dispatcher, meanwhile.
+				ids := make([]string, made)
+				for i := range ids {
+					ids[i] = rows[i].ID
+				}
+				var existing []string
+				if err := sqlx.SelectContext(ctx, tx, &existing, q.SelectExisting, idsJSON(ids)); err != nil {
+					return fmt.Errorf("select inserted deliveries: %w", err)
+				}
+				ok := make(map[string]bool, len(existing))
+				for _, id := range existing {
+					ok[id] = true
+				}
+				lost = map[string]bool{}
+				for _, id := range ids {
+					if !ok[id] {
+						lost[id] = true // its attempt is not recorded either
+					}
+				}
+			}
+			if made > 0 {
+				if _, err := execChunks(ctx, tx, q.InsertAttempts, 7, attemptArgs); err != nil {
+					return fmt.Errorf("insert attempts: %w", err)
+				}
+				if _, err := tx.ExecContext(ctx, d.q.RecordHealth, rec.health); err != nil {
+					return fmt.Errorf("record subscription health: %w", err)
+				}
+				out.ops = d.deliveryEvents(results, rec.outcomes, lost, now)
+				disabled, err := d.disableFailing(ctx, tx, results, now)
+				if err != nil {
+					return err
+				}
+				out.ops = append(out.ops, disabled...)
+				if err := d.publishOperational(ctx, tx, out.ops); err != nil {
+					return err
+				}
+			}
+		}
+		if _, err := tx.ExecContext(ctx, d.q.MarkExpandedBatch, now.UnixMilli(), int64sJSON(seqs)); err != nil {
+			return fmt.Errorf("mark events expanded: %w", err)
+		}
+		return nil
+	})
+	if out.err == nil {
+		out.until = until
+		for i := range results {
+			d.metrics.attempt(&results[i], rec.outcomes[i], now)
+		}
+	}
+	return out
+}
