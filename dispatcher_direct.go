@@ -1,17 +1,13 @@
 package webhooks
 
 import (
-	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"math"
 	"sync"
 	"time"
 
 	"github.com/jmoiron/sqlx"
-
-	"github.com/outboxhook/webhooks/internal/dbtx"
 )
 
 // Direct expansion (SQLite). SQLite has one writer at a time, so a write
@@ -157,13 +153,9 @@ func (l *loop) expandDirect(free int) {
 		return
 	}
 	now := d.clock.Now()
-	if x.until.Sub(now) < d.cfg.RequestTimeout+d.startMargin() {
-		held, err := l.takeLease(now)
-		l.check("take the outbox lease", err)
-		if err != nil || !held {
-			l.moreEvents = false // look again at the next poll
-			return
-		}
+	if !l.leaseToStart(now) {
+		l.moreEvents = false // look again at the next poll
+		return
 	}
 	limit := d.cfg.BatchSize
 	if l.perEvent > 0 {
@@ -295,13 +287,9 @@ func (l *loop) startWaiting() {
 		return
 	}
 	now := d.clock.Now()
-	if x.until.Sub(now) < d.cfg.RequestTimeout+d.startMargin() {
-		held, err := l.takeLease(now)
-		l.check("take the outbox lease", err)
-		if err != nil || !held {
-			x.dropWaiting(now) // recorded as rows, or made by the next holder
-			return
-		}
+	if !l.leaseToStart(now) {
+		x.dropWaiting(now) // recorded as rows, or made by the next holder
+		return
 	}
 	in := stepInput{perSub: l.perSub, limiter: l.lim}
 	for s, q := range x.waiting {
@@ -337,6 +325,17 @@ func (x *direct) dropWaiting(now time.Time) {
 		delete(x.waiting, s)
 	}
 	x.nWaiting = 0
+}
+
+// leaseToStart reports that the outbox lease has long enough left for a
+// delivery to start now, taking or renewing it when it has not.
+func (l *loop) leaseToStart(now time.Time) bool {
+	if l.direct.until.Sub(now) >= l.d.cfg.RequestTimeout+l.d.startMargin() {
+		return true
+	}
+	held, err := l.takeLease(now)
+	l.check("take the outbox lease", err)
+	return err == nil && held
 }
 
 // takeLease takes or renews the outbox lease unless another dispatcher
@@ -406,283 +405,4 @@ func (x *direct) markReady(he *heldEvent, now time.Time) {
 	}
 	x.ready = append(x.ready, he)
 	x.results += len(he.results)
-}
-
-// flushDirect hands the ready events to the recorder when it is idle and
-// they are worth a transaction: directBatchMin attempts, or nothing else in
-// flight, or the oldest ready for a PollInterval, or force.
-func (l *loop) flushDirect(force bool) {
-	x := l.direct
-	if x == nil || x.busy || len(x.ready) == 0 || l.paused() {
-		return
-	}
-	if !force && x.running > 0 && x.results < directBatchMin && l.d.clock.Now().Sub(x.readyAt) < l.d.cfg.PollInterval {
-		return
-	}
-	x.busy = true
-	x.batches <- x.ready // never blocks: the recorder is idle
-	x.ready, x.results = nil, 0
-}
-
-// recorded takes the recorder's report on a batch.
-func (l *loop) recorded(r directRecorded) {
-	x := l.direct
-	x.busy = false
-	if errors.Is(r.err, errOutboxLeaseLost) {
-		// The dispatcher that took the lease over expands these events
-		// again: what was delivered is delivered again.
-		l.d.log.Warn("webhooks: dispatcher: lost the outbox lease; deliveries made but not recorded will be made again",
-			slog.Int("events", len(r.events)))
-		x.until = time.Time{}
-		x.forget(r.events)
-		l.d.countHeld(x)
-		return
-	}
-	l.check("record deliveries", r.err)
-	if r.err != nil {
-		// Kept, to record again after the pause.
-		x.ready = append(r.events, x.ready...)
-		for _, he := range r.events {
-			x.results += len(he.results)
-		}
-		x.readyAt = l.d.clock.Now()
-		return
-	}
-	x.forget(r.events)
-	l.d.countHeld(x)
-	x.renewed(r.until, l.d.clock.Now())
-	if r.later {
-		l.moreDue = true
-	}
-	l.d.raise(l.ctx, r.ops)
-}
-
-// forget drops recorded (or given up) events from memory.
-func (x *direct) forget(events []*heldEvent) {
-	top := false
-	for _, he := range events {
-		delete(x.held, he.seq)
-		top = top || he.seq == x.cursor
-		x.made -= int64(he.made)
-		x.oldestGone = x.oldestGone || he.made > 0 && he.readAt.UnixMilli() <= x.oldest
-	}
-	if top && len(x.buffer) == 0 {
-		// The cursor stays at the highest seq held or buffered: the
-		// outbox holds that row (unexpanded), so SQLite never hands its
-		// seq, or a lower one, to a new event. Past a recorded event it
-		// could (retention may delete it, and SQLite reuses the highest
-		// rowid).
-		x.cursor = 0
-		for seq := range x.held {
-			x.cursor = max(x.cursor, seq)
-		}
-	}
-}
-
-// closeDirect records what is ready once nothing is in flight (Shutdown)
-// and releases the lease, so another dispatcher can take it at once.
-func (l *loop) closeDirect() {
-	x := l.direct
-	if x.busy {
-		l.recorded(<-x.done)
-	}
-	if len(x.ready) > 0 {
-		events := x.ready
-		x.ready, x.results = nil, 0
-		r := l.d.recordDirect(l.ctx, x.owner, events)
-		if r.err != nil && !errors.Is(r.err, errOutboxLeaseLost) {
-			l.d.log.Error("webhooks: dispatcher: record deliveries at shutdown; they will be made again",
-				slog.Any("error", r.err), slog.Int("events", len(events)))
-		} else {
-			l.recorded(r)
-		}
-	}
-	l.releaseLease(l.ctx)
-}
-
-// abandonDirect (hard stop, nothing in flight any more) waits for the
-// recorder and releases the lease, briefly, past the canceled context:
-// what was not recorded is delivered again by the next holder.
-func (l *loop) abandonDirect() {
-	x := l.direct
-	if x.busy {
-		r := <-x.done
-		x.busy = false
-		if r.err == nil {
-			x.forget(r.events)
-		}
-	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(l.ctx), time.Second)
-	defer cancel()
-	l.releaseLease(ctx)
-}
-
-func (l *loop) releaseLease(ctx context.Context) {
-	x := l.direct
-	if x.until.IsZero() {
-		return
-	}
-	if _, err := l.d.db.ExecContext(ctx, l.d.q.OutboxLease.Release, x.owner); err != nil {
-		l.d.log.Warn("webhooks: dispatcher: release the outbox lease; another dispatcher takes it once it lapses",
-			slog.Any("error", err))
-		return
-	}
-	x.until = time.Time{}
-}
-
-// directStatementRows is how many rows one statement of a group commit
-// binds: SQLite prepares long statements in more than linear time, and
-// statements of one size are cached.
-const directStatementRows = 50
-
-// execChunks runs the statement stmt(k) for the rows in args (cols values
-// each), directStatementRows rows at a time, and returns the rows affected.
-func execChunks(ctx context.Context, tx dbtx.Tx, stmt func(k int) string, cols int, args []any) (int64, error) {
-	var total int64
-	for len(args) > 0 {
-		k := min(directStatementRows, len(args)/cols)
-		res, err := tx.ExecContext(ctx, stmt(k), args[:k*cols]...)
-		if err != nil {
-			return 0, err
-		}
-		n, err := res.RowsAffected()
-		if err != nil {
-			return 0, err
-		}
-		total += n
-		args = args[k*cols:]
-	}
-	return total, nil
-}
-
-// madeRow is a delivery direct expansion inserts (OutboxLease.InsertDeliveries).
-type madeRow struct {
-	ID             string
-	EventID        string
-	SubscriptionID string
-	Tenant         string
-	State          string
-	Attempts       int
-	NextAt         int64
-	LastStatus     int
-	LastError      string
-	CreatedAt      int64
-	At             int64
-	DeliveredAt    *int64
-}
-
-// recordDirect writes events expanded with their deliveries, in one
-// transaction that renews the lease (and fails with errOutboxLeaseLost if
-// another dispatcher holds it).
-func (d *Dispatcher) recordDirect(ctx context.Context, owner string, events []*heldEvent) directRecorded {
-	out := directRecorded{events: events}
-	now := d.clock.Now()
-	var results []result
-	seqs := make([]int64, 0, len(events))
-	for _, he := range events {
-		results = append(results, he.results...)
-		seqs = append(seqs, he.seq)
-	}
-	var rows []madeRow
-	rec, err := d.recordBatch(results, now, &rows)
-	if err != nil {
-		out.err = err
-		return out
-	}
-	made := len(rows)
-	for _, he := range events {
-		for _, j := range he.later {
-			rows = append(rows, madeRow{ID: j.DeliveryID, EventID: j.EventID, SubscriptionID: j.SubscriptionID,
-				Tenant: j.Tenant, State: string(DeliveryPending), NextAt: he.readAt.UnixMilli(),
-				CreatedAt: he.readAt.UnixMilli(), At: now.UnixMilli()})
-			out.later = true
-		}
-	}
-	rowArgs := make([]any, 0, 12*len(rows))
-	for i := range rows {
-		r := &rows[i]
-		var deliveredAt any
-		if r.DeliveredAt != nil {
-			deliveredAt = *r.DeliveredAt
-		}
-		rowArgs = append(rowArgs, r.ID, r.EventID, r.SubscriptionID, r.Tenant, r.State, r.Attempts, r.NextAt,
-			r.LastStatus, r.LastError, r.CreatedAt, r.At, deliveredAt)
-	}
-	attemptArgs := make([]any, 0, 7*len(results))
-	for i := range results {
-		r := &results[i] // its errText made storable by recordBatch
-		attemptArgs = append(attemptArgs, r.job.DeliveryID, r.job.Attempts+1, r.started.UnixMilli(),
-			r.duration.Milliseconds(), r.status, r.errText, r.excerpt)
-	}
-	q := d.q.OutboxLease
-	until := now.Add(d.outboxLease())
-	out.err = d.inTx(ctx, func(tx dbtx.Tx) error {
-		out.ops = nil
-		res, err := tx.ExecContext(ctx, q.Take, owner, until.UnixMilli(), now.UnixMilli())
-		if err != nil {
-			return fmt.Errorf("renew the outbox lease: %w", err)
-		}
-		if n, err := res.RowsAffected(); err != nil {
-			return fmt.Errorf("renew the outbox lease: %w", err)
-		} else if n != 1 {
-			return errOutboxLeaseLost
-		}
-		if len(rows) > 0 {
-			n, err := execChunks(ctx, tx, q.InsertDeliveries, 12, rowArgs)
-			if err != nil {
-				return fmt.Errorf("insert deliveries: %w", err)
-			}
-			var lost map[string]bool
-			if n < int64(len(rows)) && made > 0 {
-				// Rare: a subscription was deleted, or the event expanded
-				// by another dispatcher, meanwhile.
-				ids := make([]string, made)
-				for i := range ids {
-					ids[i] = rows[i].ID
-				}
-				var existing []string
-				if err := sqlx.SelectContext(ctx, tx, &existing, q.SelectExisting, idsJSON(ids)); err != nil {
-					return fmt.Errorf("select inserted deliveries: %w", err)
-				}
-				ok := make(map[string]bool, len(existing))
-				for _, id := range existing {
-					ok[id] = true
-				}
-				lost = map[string]bool{}
-				for _, id := range ids {
-					if !ok[id] {
-						lost[id] = true // its attempt is not recorded either
-					}
-				}
-			}
-			if made > 0 {
-				if _, err := execChunks(ctx, tx, q.InsertAttempts, 7, attemptArgs); err != nil {
-					return fmt.Errorf("insert attempts: %w", err)
-				}
-				if _, err := tx.ExecContext(ctx, d.q.RecordHealth, rec.health); err != nil {
-					return fmt.Errorf("record subscription health: %w", err)
-				}
-				out.ops = d.deliveryEvents(results, rec.outcomes, lost, now)
-				disabled, err := d.disableFailing(ctx, tx, results, now)
-				if err != nil {
-					return err
-				}
-				out.ops = append(out.ops, disabled...)
-				if err := d.publishOperational(ctx, tx, out.ops); err != nil {
-					return err
-				}
-			}
-		}
-		if _, err := tx.ExecContext(ctx, d.q.MarkExpandedBatch, now.UnixMilli(), int64sJSON(seqs)); err != nil {
-			return fmt.Errorf("mark events expanded: %w", err)
-		}
-		return nil
-	})
-	if out.err == nil {
-		out.until = until
-		for i := range results {
-			d.metrics.attempt(&results[i], rec.outcomes[i], now)
-		}
-	}
-	return out
 }
