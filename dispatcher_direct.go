@@ -39,6 +39,11 @@ import (
 // the raw client's rate and groups of 256 at 0.6× (BENCHMARKS.md §3).
 const directBatchMin = 256
 
+// directBacklogMax is how many finished attempts may wait to be recorded
+// before direct expansion stops reading new events, so that memory stays
+// bounded while group commits fail.
+const directBacklogMax = 4 * directBatchMin
+
 // outboxLeaseSlack is how much longer than RequestTimeout the outbox lease
 // lasts from each renewal (LeaseDuration, if shorter): after a crash, new
 // events wait that long before another dispatcher takes the lease over.
@@ -150,6 +155,12 @@ func (l *loop) expandDirect(free int) {
 	}
 	if free <= 0 {
 		l.moreEvents = true // no slot to expand into
+		return
+	}
+	if x.results >= directBacklogMax {
+		// Recording is behind (its transactions fail, say): read nothing
+		// more into memory until it catches up (recorded looks again).
+		l.moreEvents = false
 		return
 	}
 	now := d.clock.Now()

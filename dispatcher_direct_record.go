@@ -61,6 +61,7 @@ func (l *loop) recorded(r directRecorded) {
 	if r.later {
 		l.moreDue = true
 	}
+	l.moreEvents = true // in case expandDirect held back for the backlog
 	l.d.raise(l.ctx, r.ops)
 }
 
