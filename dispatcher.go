@@ -51,6 +51,7 @@ type Dispatcher struct {
 	signers  columnCache[signerEntry]  // by stored secrets column
 	headers  columnCache[headersEntry] // by stored headers column
 	excerpts sync.Pool                 // *[]byte of ResponseExcerptBytes, for response excerpts
+	madeSQL  sqlBySize                 // OutboxLease.InsertDeliveries by rows (direct expansion)
 
 	// retryTurn says the next claim that finds both first attempts and
 	// retries due starts with a retry.
@@ -86,6 +87,7 @@ func NewDispatcher(db *sql.DB, cfg Config) (*Dispatcher, error) {
 		log: cfg.Logger, clock: clockOrSystem(cfg.Clock),
 		wake: make(chan struct{}, 1), stopping: make(chan struct{}), done: make(chan struct{}),
 	}
+	disp.madeSQL.build = q.OutboxLease.InsertDeliveries
 	disp.metrics = newDispatcherMetrics(cfg.MeterProvider, cfg.Logger)
 	if cfg.HTTPClient != nil {
 		c := *cfg.HTTPClient

@@ -8,11 +8,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/jmoiron/sqlx"
 
 	"github.com/outboxhook/webhooks/internal/dbtx"
+	"github.com/outboxhook/webhooks/store"
 )
 
 // flushDirect hands the ready events to the recorder when it is idle and
@@ -163,6 +165,26 @@ func execChunks(ctx context.Context, tx dbtx.Tx, stmt func(k int) string, cols i
 	return total, nil
 }
 
+// sqlBySize keeps the text of a statement built per number of rows: building
+// a statement of 50 rows cost about as much as binding them.
+type sqlBySize struct {
+	build func(n int) string
+	mu    sync.Mutex
+	texts []string // by number of rows; "": not built yet
+}
+
+func (c *sqlBySize) get(n int) string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if n >= len(c.texts) {
+		c.texts = append(c.texts, make([]string, n+1-len(c.texts))...)
+	}
+	if c.texts[n] == "" {
+		c.texts[n] = c.build(n)
+	}
+	return c.texts[n]
+}
+
 // madeRow is a delivery direct expansion inserts (OutboxLease.InsertDeliveries).
 type madeRow struct {
 	ID             string
@@ -177,6 +199,23 @@ type madeRow struct {
 	CreatedAt      int64
 	At             int64
 	DeliveredAt    *int64
+	// first is the attempt the delivery was made with, kept in its row;
+	// nil for a delivery not started.
+	first *result
+}
+
+// args appends the row's parameters, store.MadeDeliveryColumns of them.
+func (r *madeRow) args(args []any) []any {
+	var deliveredAt any
+	if r.DeliveredAt != nil {
+		deliveredAt = *r.DeliveredAt
+	}
+	args = append(args, r.ID, r.EventID, r.SubscriptionID, r.Tenant, r.State, r.Attempts, r.NextAt,
+		r.LastStatus, r.LastError, r.CreatedAt, r.At, deliveredAt)
+	if a := r.first; a != nil { // its errText made storable by recordBatch
+		return append(args, a.started.UnixMilli(), a.duration.Milliseconds(), a.status, a.errText, a.excerpt)
+	}
+	return append(args, nil, 0, 0, "", "")
 }
 
 // recordDirect writes events expanded with their deliveries, in one
@@ -206,21 +245,9 @@ func (d *Dispatcher) recordDirect(ctx context.Context, owner string, events []*h
 			out.later = true
 		}
 	}
-	rowArgs := make([]any, 0, 12*len(rows))
+	rowArgs := make([]any, 0, store.MadeDeliveryColumns*len(rows))
 	for i := range rows {
-		r := &rows[i]
-		var deliveredAt any
-		if r.DeliveredAt != nil {
-			deliveredAt = *r.DeliveredAt
-		}
-		rowArgs = append(rowArgs, r.ID, r.EventID, r.SubscriptionID, r.Tenant, r.State, r.Attempts, r.NextAt,
-			r.LastStatus, r.LastError, r.CreatedAt, r.At, deliveredAt)
-	}
-	attemptArgs := make([]any, 0, 7*len(results))
-	for i := range results {
-		r := &results[i] // its errText made storable by recordBatch
-		attemptArgs = append(attemptArgs, r.job.DeliveryID, r.job.Attempts+1, r.started.UnixMilli(),
-			r.duration.Milliseconds(), r.status, r.errText, r.excerpt)
+		rowArgs = rows[i].args(rowArgs)
 	}
 	q := d.q.OutboxLease
 	until := now.Add(d.outboxLease())
@@ -236,7 +263,7 @@ func (d *Dispatcher) recordDirect(ctx context.Context, owner string, events []*h
 			return errOutboxLeaseLost
 		}
 		if len(rows) > 0 {
-			n, err := execChunks(ctx, tx, q.InsertDeliveries, 12, rowArgs)
+			n, err := execChunks(ctx, tx, d.madeSQL.get, store.MadeDeliveryColumns, rowArgs)
 			if err != nil {
 				return fmt.Errorf("insert deliveries: %w", err)
 			}
@@ -259,14 +286,11 @@ func (d *Dispatcher) recordDirect(ctx context.Context, owner string, events []*h
 				lost = map[string]bool{}
 				for _, id := range ids {
 					if !ok[id] {
-						lost[id] = true // its attempt is not recorded either
+						lost[id] = true // and so its attempt
 					}
 				}
 			}
 			if made > 0 {
-				if _, err := execChunks(ctx, tx, q.InsertAttempts, 7, attemptArgs); err != nil {
-					return fmt.Errorf("insert attempts: %w", err)
-				}
 				if _, err := tx.ExecContext(ctx, d.q.RecordHealth, rec.health); err != nil {
 					return fmt.Errorf("record subscription health: %w", err)
 				}

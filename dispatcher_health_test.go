@@ -90,7 +90,7 @@ func TestHealthIsTrackedAndResetBySuccess(t *testing.T) {
 		rc.wait(2)
 		<-third // held until healthy is closed; both failures are recorded by now
 		waitUntil(t, "two recorded failures", func() bool {
-			return countRows(t, db, `SELECT COUNT(*) FROM webhook_attempts`) == 2
+			return countRows(t, db, `SELECT COUNT(*) FROM `+allAttempts) == 2
 		})
 		got, err := subs.Get(ctx, "acme", sub.ID)
 		if err != nil {
@@ -140,7 +140,7 @@ func TestFailingSubscriptionIsDisabledAndItsDeliveriesPaused(t *testing.T) {
 		rc.wait(1)
 		for i := 0; i < 5; i++ { // 5 more attempts an hour apart: failing for 5h
 			waitUntil(t, "the attempt recorded", func() bool {
-				return countRows(t, db, `SELECT COUNT(*) FROM webhook_attempts`) == i+1
+				return countRows(t, db, `SELECT COUNT(*) FROM `+allAttempts) == i+1
 			})
 			clock.Advance(time.Hour)
 			rc.wait(1)
@@ -275,7 +275,7 @@ func TestTooManyRequestsSlowsOnlyThatSubscription(t *testing.T) {
 		// Once the 429 is recorded the dispatcher has seen it (deliveries
 		// it admitted before that could still go out).
 		waitUntil(t, "the 429 recorded", func() bool {
-			return countRows(t, db, `SELECT COUNT(*) FROM webhook_attempts WHERE status_code = 429`) == 1
+			return countRows(t, db, `SELECT COUNT(*) FROM `+allAttempts+` WHERE status_code = 429`) == 1
 		})
 		for i := 0; i < 3; i++ {
 			publishTx(t, db, Event{Type: "a.c", Tenant: "acme"})
@@ -345,7 +345,7 @@ func TestHostileErrorTextIsRecorded(t *testing.T) {
 			t.Fatalf("recording a hostile error text: %v", err)
 		}
 		var stored string
-		if err := db.QueryRow(`SELECT error FROM webhook_attempts`).Scan(&stored); err != nil {
+		if err := db.QueryRow(`SELECT error FROM ` + allAttempts).Scan(&stored); err != nil {
 			t.Fatal(err)
 		}
 		if strings.ContainsRune(stored, 0) || len(stored) > 1100 || !strings.HasPrefix(stored, "x509: certificate is valid for evil") {
@@ -526,7 +526,7 @@ func TestLostClaimLeavesTheBatchsOtherEventsAlone(t *testing.T) {
 		if n := countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries WHERE subscription_id = $1 AND state = 'canceled'`, gone.ID); n != 1 {
 			t.Fatalf("deleted subscription: %d canceled deliveries, want 1 (left as the delete made it)", n)
 		}
-		if n := countRows(t, db, `SELECT COUNT(*) FROM webhook_attempts`); n != 2 {
+		if n := countRows(t, db, `SELECT COUNT(*) FROM `+allAttempts); n != 2 {
 			t.Fatalf("%d attempts recorded, want both (2)", n)
 		}
 	})

@@ -409,10 +409,11 @@ func (d *Dispatcher) recordBatch(results []result, now time.Time, made *[]madeRo
 	}
 	b := recordBatch{outcomes: make([]outcome, len(results))}
 	var deliveries []deliveryRow
-	if made == nil {
+	var attempts []attemptRow
+	if made == nil { // else the rows the caller inserts carry the attempts
 		deliveries = make([]deliveryRow, len(results))
+		attempts = make([]attemptRow, len(results))
 	}
-	attempts := make([]attemptRow, len(results))
 	for i := range results {
 		r := &results[i]
 		// An error text can hold anything a peer sent (a certificate's
@@ -435,25 +436,22 @@ func (d *Dispatcher) recordBatch(results []result, now time.Time, made *[]madeRo
 			j := r.job
 			*made = append(*made, madeRow{ID: j.DeliveryID, EventID: j.EventID, SubscriptionID: j.SubscriptionID,
 				Tenant: j.Tenant, State: string(o.state), Attempts: 1, NextAt: o.nextAt, LastStatus: r.status,
-				LastError: r.errText, CreatedAt: j.held.readAt.UnixMilli(), At: now.UnixMilli(), DeliveredAt: deliveredAt})
+				LastError: r.errText, CreatedAt: j.held.readAt.UnixMilli(), At: now.UnixMilli(), DeliveredAt: deliveredAt,
+				first: r})
 		} else {
 			deliveries[i] = deliveryRow{ID: r.job.DeliveryID, ClaimToken: r.job.claimToken, State: string(o.state),
 				NextAt: o.nextAt, LastStatus: r.status, LastError: r.errText, At: now.UnixMilli(), DeliveredAt: deliveredAt}
+			attempts[i] = attemptRow{DeliveryID: r.job.DeliveryID, Attempt: r.job.Attempts + 1,
+				StartedAt: r.started.UnixMilli(), DurationMS: r.duration.Milliseconds(),
+				StatusCode: r.status, Error: r.errText, ResponseBody: r.excerpt}
 		}
-		attempts[i] = attemptRow{DeliveryID: r.job.DeliveryID, Attempt: r.job.Attempts + 1,
-			StartedAt: r.started.UnixMilli(), DurationMS: r.duration.Milliseconds(),
-			StatusCode: r.status, Error: r.errText, ResponseBody: r.excerpt}
 	}
-	var dj []byte
+	var dj, aj []byte
 	if made == nil {
 		var err error
 		if dj, err = json.Marshal(deliveries); err != nil {
 			return recordBatch{}, fmt.Errorf("encode delivery outcomes: %w", err)
 		}
-	}
-	var aj []byte
-	if made == nil { // else the caller binds the attempts itself
-		var err error
 		if aj, err = json.Marshal(attempts); err != nil {
 			return recordBatch{}, fmt.Errorf("encode attempts: %w", err)
 		}

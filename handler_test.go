@@ -937,7 +937,7 @@ func storedSnapshot(t testing.TB, db *sql.DB) string {
 		`SELECT id, event_id, subscription_id, tenant, state, attempts, next_at, last_status, last_error, created_at, updated_at
 		 FROM webhook_deliveries ORDER BY id`,
 		`SELECT id, type, tenant, payload FROM webhook_outbox ORDER BY seq`,
-		`SELECT delivery_id, attempt, status_code FROM webhook_attempts ORDER BY id`,
+		`SELECT delivery_id, attempt, status_code FROM ` + allAttempts + ` ORDER BY delivery_id, seq`,
 	} {
 		rows, err := db.Query(q)
 		if err != nil {

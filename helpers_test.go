@@ -266,6 +266,17 @@ func newTestSubscriptions(t testing.TB, db *sql.DB, clock Clock) *Subscriptions 
 }
 
 // countRows runs a COUNT query.
+// allAttempts is every recorded attempt, for tests to select from: the first
+// attempts kept in delivery rows (direct expansion, SQLite) and the rows of
+// webhook_attempts. seq orders a delivery's attempts.
+const allAttempts = `(
+    SELECT id AS delivery_id, 1 AS attempt, first_started_at AS started_at, first_duration_ms AS duration_ms,
+           first_status AS status_code, first_error AS error, first_response AS response_body, 0 AS seq
+    FROM webhook_deliveries WHERE first_started_at IS NOT NULL
+    UNION ALL
+    SELECT delivery_id, attempt, started_at, duration_ms, status_code, error, response_body, id
+    FROM webhook_attempts) AS attempts`
+
 func countRows(t testing.TB, db *sql.DB, query string, args ...any) int {
 	t.Helper()
 	var n int

@@ -175,7 +175,7 @@ func TestThreeDispatcherProcessesDeliverEachOnce(t *testing.T) {
 	if states[string(DeliverySucceeded)] != want || len(states) != 1 {
 		t.Errorf("delivery states %v, want all %d succeeded", states, want)
 	}
-	if n := countRows(t, env.db, `SELECT COUNT(*) FROM webhook_attempts`); n != want {
+	if n := countRows(t, env.db, `SELECT COUNT(*) FROM `+allAttempts); n != want {
 		t.Errorf("%d attempts recorded, want %d (one per delivery)", n, want)
 	}
 	t.Logf("%d deliveries by %d processes in %v (%.0f/s end to end, race detector: %v); per process: %s; total %v",

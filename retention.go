@@ -214,6 +214,7 @@ func (d *Dispatcher) cleanDeliveryBatch(ctx context.Context, q store.RetentionQu
 		var rows []struct {
 			ID        string `db:"id"`
 			UpdatedAt int64  `db:"updated_at"`
+			Inline    bool   `db:"inline"` // its first attempt goes with it
 		}
 		if err := sqlx.SelectContext(ctx, tx, &rows, q.SelectExpiredDeliveries, cutoff, deadCutoff, *from, d.cfg.CleanupBatchSize); err != nil {
 			return fmt.Errorf("select expired deliveries: %w", err)
@@ -236,6 +237,11 @@ func (d *Dispatcher) cleanDeliveryBatch(ctx context.Context, q store.RetentionQu
 		}
 		if n.Attempts, err = res.RowsAffected(); err != nil {
 			return fmt.Errorf("delete attempts: %w", err)
+		}
+		for _, r := range rows {
+			if r.Inline {
+				n.Attempts++
+			}
 		}
 		if res, err = tx.ExecContext(ctx, q.DeleteDeliveries, string(idsJSON)); err != nil {
 			return fmt.Errorf("delete deliveries: %w", err)

@@ -80,7 +80,7 @@ func tableSizes(t testing.TB, db *sql.DB) cleanCounts {
 	return cleanCounts{
 		Events:     int64(countRows(t, db, `SELECT COUNT(*) FROM webhook_outbox`)),
 		Deliveries: int64(countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries`)),
-		Attempts:   int64(countRows(t, db, `SELECT COUNT(*) FROM webhook_attempts`)),
+		Attempts:   int64(countRows(t, db, `SELECT COUNT(*) FROM `+allAttempts)),
 	}
 }
 
@@ -226,7 +226,7 @@ func TestRetentionDeletesOnlyExpiredHistory(t *testing.T) {
 			if got := h.ids(`SELECT id FROM webhook_outbox`); !slices.Equal(got, wantEvents) {
 				t.Fatalf("events left %v, want %v", got, wantEvents)
 			}
-			if got := h.ids(`SELECT DISTINCT delivery_id FROM webhook_attempts`); !slices.Equal(got, wantDeliveries) {
+			if got := h.ids(`SELECT DISTINCT delivery_id FROM ` + allAttempts); !slices.Equal(got, wantDeliveries) {
 				t.Fatalf("attempts left for %v, want those of %v", got, wantDeliveries)
 			}
 		}
@@ -240,7 +240,7 @@ func TestRetentionDeletesOnlyExpiredHistory(t *testing.T) {
 		wantDeliveries = []string{"d_delivering", "d_mixed_pending", "d_pending"}
 		wantEvents = []string{"e_delivering", "e_mixed", "e_pending", "e_unexpanded"}
 		check()
-		if n := countRows(t, db, `SELECT COUNT(*) FROM webhook_attempts`); n != 4+1+1 {
+		if n := countRows(t, db, `SELECT COUNT(*) FROM `+allAttempts); n != 4+1+1 {
 			t.Fatalf("%d attempts left, want 6", n)
 		}
 	})
@@ -424,7 +424,7 @@ func TestRetentionKeepsTablesBoundedUnderLoad(t *testing.T) {
 			want := before.Deliveries + 2*perRound
 			waitUntil(t, "the round's deliveries to be recorded", func() bool {
 				return countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'succeeded'`) == int(want) &&
-					countRows(t, db, `SELECT COUNT(*) FROM webhook_attempts`) == int(want)
+					countRows(t, db, `SELECT COUNT(*) FROM `+allAttempts) == int(want)
 			})
 			got, err := d.cleanOnce(context.Background())
 			if err != nil {
@@ -474,7 +474,7 @@ func TestRetentionCleanerRunsInRun(t *testing.T) {
 		publishTx(t, db, Event{Type: "a.b"})
 		rc.wait(1)
 		waitUntil(t, "the delivery to be recorded", func() bool {
-			return countRows(t, db, `SELECT COUNT(*) FROM webhook_attempts`) == 1
+			return countRows(t, db, `SELECT COUNT(*) FROM `+allAttempts) == 1
 		})
 		if got := tableSizes(t, db); got != (cleanCounts{Events: 1, Deliveries: 1, Attempts: 1}) {
 			t.Fatalf("young history deleted: %+v left", got)

@@ -24,18 +24,15 @@ type OutboxLeaseQueries struct {
 	// paused. Parameters, per delivery in turn: id, event_id,
 	// subscription_id, tenant, state, attempts, next_at, last_status,
 	// last_error, created_at, updated_at, delivered_at (NULL unless
-	// succeeded). (Rows bound as parameters cost about a third of a JSON
+	// succeeded), then its first attempt (see migration 5): started_at
+	// (NULL when it made none), duration_ms, status_code, error,
+	// response_body. (Rows bound as parameters cost about a third of a JSON
 	// row set here; keep n to about 50, as SQLite prepares long statements
 	// in more than linear time.)
 	InsertDeliveries func(n int) string
 	// SelectExisting returns which of the delivery IDs in the JSON array $1
 	// exist.
 	SelectExisting string
-	// InsertAttempts returns the statement that records n attempts,
-	// skipping those whose delivery does not exist. Parameters, per attempt
-	// in turn: delivery_id, attempt, started_at, duration_ms, status_code,
-	// error, response_body.
-	InsertAttempts func(n int) string
 }
 
 // valuesInsert returns INSERT INTO head SELECT sel FROM (VALUES n rows of
@@ -69,22 +66,20 @@ func valuesInsert(head, sel string, n, cols int, tail string) string {
 func insertMadeDeliveriesSQLite(n int) string {
 	return valuesInsert(`INSERT INTO webhook_deliveries
     (id, event_id, subscription_id, tenant, state, attempts, next_at, last_status, last_error,
-     created_at, updated_at, delivered_at)`,
+     created_at, updated_at, delivered_at,
+     first_started_at, first_duration_ms, first_status, first_error, first_response)`,
 		`v.column1, v.column2, v.column3, v.column4,
        CASE WHEN v.column5 = 'pending' AND NOT s.enabled THEN 'paused' ELSE v.column5 END,
-       v.column6, v.column7, v.column8, v.column9, v.column10, v.column11, v.column12`,
-		n, 12, `
+       v.column6, v.column7, v.column8, v.column9, v.column10, v.column11, v.column12,
+       v.column13, v.column14, v.column15, v.column16, v.column17`,
+		n, MadeDeliveryColumns, `
 JOIN webhook_subscriptions s ON s.id = v.column3 WHERE TRUE
 ON CONFLICT (event_id, subscription_id) DO NOTHING`)
 }
 
-// insertMadeAttemptsSQLite is OutboxLease.InsertAttempts on SQLite.
-func insertMadeAttemptsSQLite(n int) string {
-	return valuesInsert(`INSERT INTO webhook_attempts
-    (delivery_id, attempt, started_at, duration_ms, status_code, error, response_body)`,
-		`column1, column2, column3, column4, column5, column6, column7`, n, 7, `
-WHERE EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.id = v.column1)`)
-}
+// MadeDeliveryColumns is how many parameters OutboxLease.InsertDeliveries
+// binds per delivery.
+const MadeDeliveryColumns = 17
 
 const selectUnexpandedAfter = `SELECT seq, id, type, tenant, payload FROM webhook_outbox
 WHERE expanded_at IS NULL AND seq > $1 ORDER BY seq LIMIT $2`

@@ -8,8 +8,9 @@ import "fmt"
 // LOCKED, so several cleaners (one per dispatcher) never wait for one another
 // nor deadlock; on SQLite the transaction itself is exclusive.
 type RetentionQueries struct {
-	// SelectExpiredDeliveries returns the IDs and update times (columns
-	// id, updated_at) of up to $4 finished deliveries to delete, oldest
+	// SelectExpiredDeliveries returns the IDs, update times and whether
+	// the row holds the first attempt (columns id, updated_at, inline) of
+	// up to $4 finished deliveries to delete, oldest
 	// first: succeeded and canceled ones last updated before $1, dead ones
 	// last updated before $2 (which is never after $1), none updated
 	// before $3. It reads the webhook_deliveries_finished index; $3 lets a
@@ -51,7 +52,8 @@ func (d Dialect) RetentionQueries() (RetentionQueries, error) {
 // selectExpiredDeliveries repeats the predicate of the
 // webhook_deliveries_finished partial index word for word, so that both
 // SQLite and PostgreSQL see the index applies.
-const selectExpiredDeliveries = `SELECT id, updated_at FROM webhook_deliveries
+const selectExpiredDeliveries = `SELECT id, updated_at, first_started_at IS NOT NULL AS inline
+FROM webhook_deliveries
 WHERE state IN ('succeeded', 'dead', 'canceled') AND updated_at < $1
   AND (state <> 'dead' OR updated_at < $2) AND updated_at >= $3
 ORDER BY updated_at

@@ -177,7 +177,6 @@ func (d Dialect) Queries() (Queries, error) {
 				SelectEvents:     selectUnexpandedAfter,
 				InsertDeliveries: insertMadeDeliveriesSQLite,
 				SelectExisting:   `SELECT id FROM webhook_deliveries WHERE id IN (SELECT value FROM json_each($1))`,
-				InsertAttempts:   insertMadeAttemptsSQLite,
 			},
 		}, nil
 	case Postgres:

@@ -61,9 +61,16 @@ ORDER BY d.id`
 
 	// SelectAttemptLog returns a delivery's attempts in the order they were
 	// recorded, which stays chronological when a replay numbers attempts
-	// from 1 again: $1 delivery_id.
-	SelectAttemptLog = `SELECT attempt, started_at, duration_ms, status_code, error, response_body
-FROM webhook_attempts WHERE delivery_id = $1 ORDER BY id`
+	// from 1 again: the first attempt kept in the delivery row (migration
+	// 5), if any, then its rows of webhook_attempts. $1 delivery_id.
+	SelectAttemptLog = `SELECT attempt, started_at, duration_ms, status_code, error, response_body FROM (
+    SELECT 0 AS ord, 1 AS attempt, first_started_at AS started_at, first_duration_ms AS duration_ms,
+           first_status AS status_code, first_error AS error, first_response AS response_body
+    FROM webhook_deliveries WHERE id = $1 AND first_started_at IS NOT NULL
+    UNION ALL
+    SELECT id, attempt, started_at, duration_ms, status_code, error, response_body
+    FROM webhook_attempts WHERE delivery_id = $1
+) AS a ORDER BY ord`
 )
 
 // requeueDeliveries' verbs: the pendingOrPaused expression (a disabled
