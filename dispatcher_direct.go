@@ -175,7 +175,7 @@ func (l *loop) expandDirect(free int) {
 	if len(x.buffer) < limit {
 		after, skip := x.cursor, 0
 		if x.rescan {
-			after, skip, x.buffer = 0, len(x.held), nil
+			after, skip, x.buffer, x.cursor = 0, len(x.held), nil, 0
 		}
 		var read []outboxRow
 		n := max(limit, d.cfg.BatchSize) + skip
@@ -188,8 +188,8 @@ func (l *loop) expandDirect(free int) {
 		for _, e := range read {
 			if x.held[e.Seq] == nil { // else in memory already (read before the lease lapsed)
 				x.buffer = append(x.buffer, e)
-				x.cursor = max(x.cursor, e.Seq)
 			}
+			x.cursor = max(x.cursor, e.Seq)
 		}
 	}
 	events := x.buffer[:min(limit, len(x.buffer))]
@@ -380,6 +380,9 @@ func (l *loop) takeLease(now time.Time) (bool, error) {
 // the cursor: the next read starts over.
 func (x *direct) renewed(until, now time.Time) {
 	if !x.until.After(now) {
+		// Deliveries not started yet may have been made by whoever held
+		// the lease meanwhile: they go in as rows (skipped if they exist).
+		x.dropWaiting(now)
 		x.buffer = nil
 		x.rescan = len(x.held) > 0
 		if !x.rescan {

@@ -82,10 +82,11 @@ func (x *direct) forget(events []*heldEvent) {
 		// seq, or a lower one, to a new event. Past a recorded event it
 		// could (retention may delete it, and SQLite reuses the highest
 		// rowid).
-		x.cursor = 0
+		top := int64(0)
 		for seq := range x.held {
-			x.cursor = max(x.cursor, seq)
+			top = max(top, seq)
 		}
+		x.cursor = min(x.cursor, top) // only ever lowered here: a rescan may not have reached every held seq
 	}
 }
 
