@@ -126,7 +126,9 @@ func (d *Dispatcher) Notify() {
 // Run dispatches until ctx is canceled or Shutdown is called. It returns
 // ErrDispatcherClosed after Shutdown, and ctx's error when ctx ends it; then
 // requests still in flight are aborted and their claims lapse, so those
-// deliveries are made again later. A dispatcher runs once.
+// deliveries are made again later (on SQLite, so are the first attempts
+// made since the last group commit of direct expansion: their events are
+// still unexpanded). A dispatcher runs once.
 func (d *Dispatcher) Run(ctx context.Context) error {
 	d.mu.Lock()
 	if d.started || d.closed {

@@ -228,3 +228,50 @@ func TestDirectWaitingDeliveryDroppedWhenLeaseLapses(t *testing.T) {
 	}
 }
 
+// Taking the outbox lease never moves its holder's lease back (a group commit
+// that waited for the write lock must not shorten the loop's later renewal),
+// and another dispatcher takes it only once it lapsed.
+func TestOutboxLeaseTakeNeverShortens(t *testing.T) {
+	db := openTestDB(t)
+	if !directExpansion(t, db) {
+		t.Skip("no direct expansion")
+	}
+	q, err := DialectSQLite.Queries()
+	if err != nil {
+		t.Fatal(err)
+	}
+	take := func(owner string, until, now int64) bool {
+		t.Helper()
+		res, err := db.Exec(q.OutboxLease.Take, owner, until, now)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, err := res.RowsAffected()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n == 1
+	}
+	lease := func() (owner string, until int64) {
+		t.Helper()
+		if err := db.QueryRow(q.OutboxLease.Select).Scan(&owner, &until); err != nil {
+			t.Fatal(err)
+		}
+		return owner, until
+	}
+	if !take("a", 200, 100) || !take("a", 150, 110) {
+		t.Fatal("the holder could not renew its lease")
+	}
+	if owner, until := lease(); owner != "a" || until != 200 {
+		t.Fatalf("lease %s until %d, want a until 200 (never shortened)", owner, until)
+	}
+	if take("b", 300, 199) {
+		t.Fatal("another dispatcher took a lease that had not lapsed")
+	}
+	if !take("b", 300, 200) {
+		t.Fatal("another dispatcher could not take a lapsed lease")
+	}
+	if owner, until := lease(); owner != "b" || until != 300 {
+		t.Fatalf("lease %s until %d, want b until 300", owner, until)
+	}
+}

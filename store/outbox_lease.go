@@ -84,5 +84,9 @@ const MadeDeliveryColumns = 17
 const selectUnexpandedAfter = `SELECT seq, id, type, tenant, payload FROM webhook_outbox
 WHERE expanded_at IS NULL AND seq > $1 ORDER BY seq LIMIT $2`
 
-const takeOutboxLease = `UPDATE webhook_outbox_lease SET owner = $1, until = $2
+// takeOutboxLease never moves its holder's lease back: a group commit that
+// computed its renewal before waiting for the write lock must not shorten a
+// renewal the loop wrote meanwhile.
+const takeOutboxLease = `UPDATE webhook_outbox_lease
+SET owner = $1, until = CASE WHEN owner = $1 AND until > $2 THEN until ELSE $2 END
 WHERE id = 1 AND (owner = $1 OR until <= $3)`
