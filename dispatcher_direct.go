@@ -88,6 +88,12 @@ type direct struct {
 	oldest     int64
 	oldestGone bool // oldest was forgotten: look for the next one
 
+	// subs holds the subscriptions read per tenant; they are read again
+	// once the subscriptions' version (store migration 6) is no longer
+	// subsVersion (-1: none read).
+	subs        map[string][]subRow
+	subsVersion int64
+
 	ready   []*heldEvent // events whose attempts are all over, to record
 	readyAt time.Time    // when the oldest of ready became ready
 	results int          // attempts in ready
@@ -118,6 +124,7 @@ func (d *Dispatcher) newDirect() (*direct, error) {
 		return nil, err
 	}
 	return &direct{owner: owner, held: map[int64]*heldEvent{}, waiting: map[string][]*job{},
+		subs: map[string][]subRow{}, subsVersion: -1,
 		batches: make(chan []*heldEvent, 1), done: make(chan directRecorded, 1)}, nil
 }
 
@@ -196,18 +203,27 @@ func (l *loop) expandDirect(free int) {
 	x.buffer = x.buffer[len(events):]
 	l.moreEvents = x.more || len(x.buffer) > 0
 	var err error
-	subsOf := map[string][]subRow{}
+	if len(events) > 0 {
+		if err = l.checkSubscriptions(); err != nil {
+			l.check("read subscriptions", err)
+			x.buffer = append(events, x.buffer...) // not started
+			return
+		}
+	}
 	in := stepInput{perSub: l.perSub, limiter: l.lim}
 	expanded, made := 0, 0
 	for i, e := range events {
-		subs, ok := subsOf[e.Tenant]
+		subs, ok := x.subs[e.Tenant]
 		if !ok {
 			if subs, err = d.tenantSubscriptions(l.ctx, d.db, e.Tenant); err != nil {
 				l.check("read subscriptions", err)
 				x.buffer = append(events[i:], x.buffer...) // not started
 				return
 			}
-			subsOf[e.Tenant] = subs
+			if len(x.subs) >= directSubsTenants {
+				clear(x.subs)
+			}
+			x.subs[e.Tenant] = subs
 		}
 		he := &heldEvent{seq: e.Seq, id: e.ID, tenant: e.Tenant, readAt: now}
 		var jobs []*job
@@ -269,6 +285,26 @@ func (l *loop) expandDirect(free int) {
 		l.perEvent = 0.8*l.perEvent + 0.2*float64(made)/float64(expanded)
 		l.d.countHeld(x)
 	}
+}
+
+// directSubsTenants is how many tenants' subscriptions direct expansion
+// keeps in memory at most.
+const directSubsTenants = 1024
+
+// checkSubscriptions forgets the subscriptions in memory if any changed since
+// they were read. Read before them, the version can only make it read them
+// again for nothing, never keep stale ones.
+func (l *loop) checkSubscriptions() error {
+	x := l.direct
+	var v int64
+	if err := l.d.db.QueryRowContext(l.ctx, l.d.q.OutboxLease.SubscriptionsVersion).Scan(&v); err != nil {
+		return fmt.Errorf("read the subscriptions' version: %w", err)
+	}
+	if v != x.subsVersion {
+		clear(x.subs)
+		x.subsVersion = v
+	}
+	return nil
 }
 
 // countHeld publishes, for the pending gauges, how many deliveries the

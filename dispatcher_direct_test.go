@@ -1,9 +1,11 @@
 package webhooks
 
-// Direct expansion (SQLite) when the outbox lease is lost or lapses.
+// Direct expansion (SQLite): the outbox lease lost or lapsed, and the
+// subscriptions it keeps in memory.
 
 import (
 	"context"
+	"database/sql"
 	"log/slog"
 	"net/http"
 	"strings"
@@ -274,4 +276,67 @@ func TestOutboxLeaseTakeNeverShortens(t *testing.T) {
 	if owner, until := lease(); owner != "b" || until != 300 {
 		t.Fatalf("lease %s until %d, want b until 300", owner, until)
 	}
+}
+
+// Expansion sees every change of a subscription made before an event is
+// published, however many events it expanded before (direct expansion keeps
+// the subscriptions in memory while their version stays the same).
+func TestExpansionSeesSubscriptionChanges(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, openTestDB func(testing.TB) *sql.DB) {
+		ctx := context.Background()
+		db := openTestDB(t)
+		subs := newTestSubscriptions(t, db, nil)
+		ra, rb, rc := newReceiver(t, nil), newReceiver(t, nil), newReceiver(t, nil)
+		a := mustSubscribe(t, subs, ra, "t", "*")
+		startDispatcher(t, db, Config{})
+		next := func(r *receiver, want string) {
+			t.Helper()
+			if got := r.wait(1)[0].ID; got != want {
+				t.Fatalf("got event %s, want %s", got, want)
+			}
+		}
+
+		e1 := publishTx(t, db, Event{Type: "order.shipped", Tenant: "t"})[0]
+		next(ra, e1)
+
+		b := mustSubscribe(t, subs, rb, "t", "*") // created
+		e2 := publishTx(t, db, Event{Type: "order.shipped", Tenant: "t"})[0]
+		next(ra, e2)
+		next(rb, e2)
+
+		if _, err := subs.Update(ctx, "t", a.ID, SubscriptionUpdate{EventTypes: []string{"other.*"}}); err != nil {
+			t.Fatal(err)
+		}
+		e3 := publishTx(t, db, Event{Type: "order.shipped", Tenant: "t"})[0]
+		next(rb, e3)
+		e4 := publishTx(t, db, Event{Type: "other.thing", Tenant: "t"})[0]
+		next(ra, e4) // not e3
+		next(rb, e4)
+
+		disabled := true
+		if _, err := subs.Update(ctx, "t", b.ID, SubscriptionUpdate{Disabled: &disabled}); err != nil {
+			t.Fatal(err)
+		}
+		e5 := publishTx(t, db, Event{Type: "other.thing", Tenant: "t"})[0]
+		next(ra, e5)
+		waitUntil(t, "e5 expanded", func() bool {
+			return countRows(t, db, `SELECT COUNT(*) FROM webhook_outbox WHERE id = $1 AND expanded_at IS NOT NULL`, e5) == 1
+		})
+		if n := countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries WHERE event_id = $1 AND subscription_id = $2 AND state = 'paused'`, e5, b.ID); n != 1 {
+			t.Fatalf("e5 to the disabled subscription: %d paused deliveries, want 1", n)
+		}
+
+		if err := subs.Delete(ctx, "t", a.ID); err != nil {
+			t.Fatal(err)
+		}
+		mustSubscribe(t, subs, rc, "t", "*")
+		e6 := publishTx(t, db, Event{Type: "other.thing", Tenant: "t"})[0]
+		next(rc, e6)
+		waitUntil(t, "e6 expanded", func() bool {
+			return countRows(t, db, `SELECT COUNT(*) FROM webhook_outbox WHERE id = $1 AND expanded_at IS NOT NULL`, e6) == 1
+		})
+		if n := ra.count(); n != 4 {
+			t.Fatalf("the deleted subscription got %d requests, want 4 (e1, e2, e4, e5)", n)
+		}
+	})
 }

@@ -33,6 +33,11 @@ type OutboxLeaseQueries struct {
 	// SelectExisting returns which of the delivery IDs in the JSON array $1
 	// exist.
 	SelectExisting string
+	// SubscriptionsVersion returns a number that changes, in the
+	// transaction of the change, whenever a subscription that
+	// SelectTenantSubscriptions would read is created, deleted or updated
+	// (migration 6).
+	SubscriptionsVersion string
 }
 
 // valuesInsert returns INSERT INTO head SELECT sel FROM (VALUES n rows of

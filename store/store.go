@@ -171,12 +171,13 @@ func (d Dialect) Queries() (Queries, error) {
 			ClaimDeliveries:           fmt.Sprintf(claimDeliveries, fmt.Sprintf(jsonArraySQLite, "$4")),
 			SelectRecorded:            fmt.Sprintf(selectRecorded, fmt.Sprintf(jsonArraySQLite, "$1")),
 			OutboxLease: OutboxLeaseQueries{
-				Select:           `SELECT owner, until FROM webhook_outbox_lease WHERE id = 1`,
-				Take:             takeOutboxLease,
-				Release:          `UPDATE webhook_outbox_lease SET until = 0 WHERE id = 1 AND owner = $1`,
-				SelectEvents:     selectUnexpandedAfter,
-				InsertDeliveries: insertMadeDeliveriesSQLite,
-				SelectExisting:   `SELECT id FROM webhook_deliveries WHERE id IN (SELECT value FROM json_each($1))`,
+				Select:               `SELECT owner, until FROM webhook_outbox_lease WHERE id = 1`,
+				Take:                 takeOutboxLease,
+				Release:              `UPDATE webhook_outbox_lease SET until = 0 WHERE id = 1 AND owner = $1`,
+				SelectEvents:         selectUnexpandedAfter,
+				InsertDeliveries:     insertMadeDeliveriesSQLite,
+				SelectExisting:       `SELECT id FROM webhook_deliveries WHERE id IN (SELECT value FROM json_each($1))`,
+				SubscriptionsVersion: `SELECT version FROM webhook_subscriptions_version WHERE id = 1`,
 			},
 		}, nil
 	case Postgres:
