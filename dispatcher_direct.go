@@ -1,6 +1,7 @@
 package webhooks
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"math"
@@ -184,9 +185,8 @@ func (l *loop) expandDirect(free int) {
 		if x.rescan {
 			after, skip, x.buffer, x.cursor = 0, len(x.held), nil, 0
 		}
-		var read []outboxRow
 		n := max(limit, d.cfg.BatchSize) + skip
-		err := sqlx.SelectContext(l.ctx, d.db, &read, d.q.OutboxLease.SelectEvents, after, n)
+		read, err := d.readEvents(l.ctx, after, n)
 		l.check("read new events", err)
 		if err != nil {
 			return
@@ -305,6 +305,26 @@ func (l *loop) checkSubscriptions() error {
 		x.subsVersion = v
 	}
 	return nil
+}
+
+// readEvents reads up to n unexpanded events past seq after, in seq order.
+// (Scanned by hand, without sqlx's reflection: this read is on the hot
+// path of direct expansion.)
+func (d *Dispatcher) readEvents(ctx context.Context, after int64, n int) ([]outboxRow, error) {
+	rows, err := d.db.QueryContext(ctx, d.q.OutboxLease.SelectEvents, after, n)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := make([]outboxRow, 0, n)
+	for rows.Next() {
+		var e outboxRow
+		if err := rows.Scan(&e.Seq, &e.ID, &e.Type, &e.Tenant, &e.Payload); err != nil {
+			return nil, err
+		}
+		out = append(out, e)
+	}
+	return out, rows.Err()
 }
 
 // countHeld publishes, for the pending gauges, how many deliveries the
