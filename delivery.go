@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"time"
@@ -264,13 +265,14 @@ func (d *Dispatcher) deliver(ctx context.Context, j *job) result {
 		}
 	}
 	ts := now.Unix()
-	req.Header["Content-Type"] = []string{"application/json"}
-	req.Header["User-Agent"] = []string{d.cfg.UserAgent}
-	req.Header[HeaderWebhookID] = []string{j.EventID}
-	req.Header[HeaderWebhookTimestamp] = []string{strconv.FormatInt(ts, 10)}
-	req.Header[HeaderWebhookSignature] = []string{sig.header(j.EventID, ts, body)}
+	v := []string{"application/json", d.cfg.UserAgent, j.EventID, strconv.FormatInt(ts, 10), sig.header(j.EventID, ts, body)}
+	req.Header["Content-Type"] = v[0:1:1]
+	req.Header["User-Agent"] = v[1:2:2]
+	req.Header[HeaderWebhookID] = v[2:3:3]
+	req.Header[HeaderWebhookTimestamp] = v[3:4:4]
+	req.Header[HeaderWebhookSignature] = v[4:5:5]
 
-	resp, err := d.client.Do(req)
+	resp, err := d.roundTrip(req)
 	if err != nil {
 		r.err, r.errText = err, transportError(err, d.cfg.RequestTimeout)
 		r.duration = time.Since(begin)
@@ -300,6 +302,23 @@ func (d *Dispatcher) deliver(ctx context.Context, j *job) result {
 	}
 	r.duration = time.Since(begin)
 	return r
+}
+
+// roundTrip sends req. With the dispatcher's own client it goes straight to
+// the transport: redirects are never followed and that client has neither
+// a cookie jar nor a timeout of its own, so http.Client would only copy the
+// headers for redirects that never come. A Config.HTTPClient is used as
+// given.
+func (d *Dispatcher) roundTrip(req *http.Request) (*http.Response, error) {
+	if d.ownTr == nil {
+		return d.client.Do(req)
+	}
+	resp, err := d.ownTr.RoundTrip(req)
+	if err != nil {
+		// As http.Client reports it (transportError reads past it).
+		return nil, &url.Error{Op: "Post", URL: req.URL.Redacted(), Err: err}
+	}
+	return resp, nil
 }
 
 // headersEntry is a subscription's stored headers column, parsed (one value

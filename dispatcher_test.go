@@ -706,3 +706,29 @@ func TestDefaultClientRefusesPrivateAddressesAtDialTime(t *testing.T) {
 		}
 	}
 }
+
+// A network failure is recorded as what failed, without the request line
+// that http.Client puts before it (the URL is the subscription's own).
+func TestUnreachableEndpointErrorText(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, openTestDB func(testing.TB) *sql.DB) {
+		db := openTestDB(t)
+		subs := newTestSubscriptions(t, db, nil)
+		rc := newReceiver(t, nil)
+		sub := mustSubscribe(t, subs, rc, "", "*")
+		rc.srv.Close() // nothing listens there any more
+		_, stop := startDispatcher(t, db, Config{RetryPolicy: immediateRetry{max: 1}})
+		publishTx(t, db, Event{Type: "a.b"})
+		waitUntil(t, "the delivery to be dead", func() bool {
+			return countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'dead'`) == 1
+		})
+		stop()
+		page, err := subs.ListDeliveries(context.Background(), "", sub.ID, DeliveryListOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		a := page.Deliveries[0].AttemptLog[0]
+		if !strings.HasPrefix(a.Error, "dial tcp ") || !strings.Contains(a.Error, "refused") || strings.Contains(a.Error, "/hook") {
+			t.Fatalf("attempt error %q, want the dial error alone", a.Error)
+		}
+	})
+}
