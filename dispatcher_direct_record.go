@@ -213,10 +213,10 @@ func (r *madeRow) args(args []any) []any {
 	}
 	args = append(args, r.ID, r.EventID, r.SubscriptionID, r.Tenant, r.State, r.Attempts, r.NextAt,
 		r.LastStatus, r.LastError, r.CreatedAt, r.At, deliveredAt)
-	if a := r.first; a != nil { // its errText made storable by recordBatch
-		return append(args, a.started.UnixMilli(), a.duration.Milliseconds(), a.status, a.errText, a.excerpt)
+	if a := r.first; a != nil { // its status and error are LastStatus, LastError
+		return append(args, a.started.UnixMilli(), a.duration.Milliseconds(), a.excerpt)
 	}
-	return append(args, nil, 0, 0, "", "")
+	return append(args, nil, 0, "")
 }
 
 // recordDirect writes events expanded with their deliveries, in one

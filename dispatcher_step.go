@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
+	"slices"
 	"time"
 	"unicode/utf8"
 
@@ -413,6 +414,8 @@ func (d *Dispatcher) recordBatch(results []result, now time.Time, made *[]madeRo
 	if made == nil { // else the rows the caller inserts carry the attempts
 		deliveries = make([]deliveryRow, len(results))
 		attempts = make([]attemptRow, len(results))
+	} else {
+		*made = slices.Grow(*made, len(results))
 	}
 	for i := range results {
 		r := &results[i]

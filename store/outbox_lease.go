@@ -25,8 +25,8 @@ type OutboxLeaseQueries struct {
 	// subscription_id, tenant, state, attempts, next_at, last_status,
 	// last_error, created_at, updated_at, delivered_at (NULL unless
 	// succeeded), then its first attempt (see migration 5): started_at
-	// (NULL when it made none), duration_ms, status_code, error,
-	// response_body. (Rows bound as parameters cost about a third of a JSON
+	// (NULL when it made none), duration_ms, response_body (its status code
+	// and error are the delivery's last ones). (Rows bound as parameters cost about a third of a JSON
 	// row set here; keep n to about 50, as SQLite prepares long statements
 	// in more than linear time.)
 	InsertDeliveries func(n int) string
@@ -76,7 +76,7 @@ func insertMadeDeliveriesSQLite(n int) string {
 		`v.column1, v.column2, v.column3, v.column4,
        CASE WHEN v.column5 = 'pending' AND NOT s.enabled THEN 'paused' ELSE v.column5 END,
        v.column6, v.column7, v.column8, v.column9, v.column10, v.column11, v.column12,
-       v.column13, v.column14, v.column15, v.column16, v.column17`,
+       v.column13, v.column14, v.column8, v.column9, v.column15`,
 		n, MadeDeliveryColumns, `
 JOIN webhook_subscriptions s ON s.id = v.column3 WHERE TRUE
 ON CONFLICT (event_id, subscription_id) DO NOTHING`)
@@ -84,7 +84,7 @@ ON CONFLICT (event_id, subscription_id) DO NOTHING`)
 
 // MadeDeliveryColumns is how many parameters OutboxLease.InsertDeliveries
 // binds per delivery.
-const MadeDeliveryColumns = 17
+const MadeDeliveryColumns = 15
 
 const selectUnexpandedAfter = `SELECT seq, id, type, tenant, payload FROM webhook_outbox
 WHERE expanded_at IS NULL AND seq > $1 ORDER BY seq LIMIT $2`
