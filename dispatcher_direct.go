@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"sync"
 	"time"
 
@@ -76,8 +77,9 @@ type direct struct {
 	// buffer holds events read but not started yet, in seq order: a read
 	// takes a BatchSize of them, as many as the free slots start or more.
 	buffer  []outboxRow
-	more    bool // the last read was full: the outbox may hold events past the buffer
-	running int  // direct deliveries in flight or waiting
+	bufArr  []outboxRow // buffer's array, from its start: reads append in place
+	more    bool        // the last read was full: the outbox may hold events past the buffer
+	running int         // direct deliveries in flight or waiting
 	// waiting holds, per subscription, deliveries of held events that
 	// wait for a slot (at most MaxInFlightPerSubscription each).
 	waiting  map[string][]*job
@@ -146,8 +148,9 @@ func (l *loop) startRecorder() {
 	x.recorder.Add(1)
 	go func() {
 		defer x.recorder.Done()
+		var s recordScratch
 		for events := range x.batches {
-			x.done <- l.d.recordDirect(l.ctx, x.owner, events)
+			x.done <- l.d.recordDirect(l.ctx, x.owner, events, &s)
 		}
 	}()
 }
@@ -186,18 +189,28 @@ func (l *loop) expandDirect(free int) {
 			after, skip, x.buffer, x.cursor = 0, len(x.held), nil, 0
 		}
 		n := max(limit, d.cfg.BatchSize) + skip
-		read, err := d.readEvents(l.ctx, after, n)
+		// What is left moves to the front of the buffer's array, and the
+		// read appends after it there.
+		kept := append(x.bufArr[:0], x.buffer...)
+		all, err := d.readEvents(l.ctx, after, n, kept)
+		x.bufArr = all[:0]
 		l.check("read new events", err)
 		if err != nil {
+			clear(kept[len(kept):cap(kept)]) // what a failed read left
+			x.buffer = kept
 			return
 		}
-		x.rescan, x.more = false, len(read) == n
+		x.rescan, x.more = false, len(all)-len(kept) == n
+		read := all[len(kept):]
+		kept = all[:len(kept)] // in the array the read appended to
 		for _, e := range read {
 			if x.held[e.Seq] == nil { // else in memory already (read before the lease lapsed)
-				x.buffer = append(x.buffer, e)
+				kept = append(kept, e)
 			}
 			x.cursor = max(x.cursor, e.Seq)
 		}
+		clear(all[len(kept):])
+		x.buffer = kept
 	}
 	events := x.buffer[:min(limit, len(x.buffer))]
 	x.buffer = x.buffer[len(events):]
@@ -307,24 +320,28 @@ func (l *loop) checkSubscriptions() error {
 	return nil
 }
 
-// readEvents reads up to n unexpanded events past seq after, in seq order.
-// (Scanned by hand, without sqlx's reflection: this read is on the hot
-// path of direct expansion.)
-func (d *Dispatcher) readEvents(ctx context.Context, after int64, n int) ([]outboxRow, error) {
+// readEvents appends to dst up to n unexpanded events past seq after, in
+// seq order. (Scanned by hand, without sqlx's reflection, straight into
+// dst: this read is on the hot path of direct expansion.) On error it
+// returns dst as it was.
+func (d *Dispatcher) readEvents(ctx context.Context, after int64, n int, dst []outboxRow) ([]outboxRow, error) {
 	rows, err := d.db.QueryContext(ctx, d.q.OutboxLease.SelectEvents, after, n)
 	if err != nil {
-		return nil, err
+		return dst, err
 	}
 	defer rows.Close()
-	out := make([]outboxRow, 0, n)
+	out := slices.Grow(dst, n)
 	for rows.Next() {
-		var e outboxRow
+		out = append(out, outboxRow{})
+		e := &out[len(out)-1]
 		if err := rows.Scan(&e.Seq, &e.ID, &e.Type, &e.Tenant, &e.Payload); err != nil {
-			return nil, err
+			return dst, err
 		}
-		out = append(out, e)
 	}
-	return out, rows.Err()
+	if err := rows.Err(); err != nil {
+		return dst, err
+	}
+	return out, nil
 }
 
 // countHeld publishes, for the pending gauges, how many deliveries the
