@@ -212,10 +212,13 @@ func newID(prefix string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("webhooks: generate ID: %w", err)
 	}
-	buf := make([]byte, len(prefix)+32)
-	copy(buf, prefix)
-	hex.Encode(buf[len(prefix):], u[:])
-	return string(buf), nil
+	var buf [64]byte // on the stack: the string is the one allocation
+	if len(prefix) > len(buf)-32 {
+		return prefix + hex.EncodeToString(u[:]), nil
+	}
+	n := copy(buf[:], prefix)
+	hex.Encode(buf[n:], u[:])
+	return string(buf[:n+32]), nil
 }
 
 func unixMilli(t time.Time) int64 { return t.UnixMilli() }
