@@ -12,7 +12,6 @@ import (
 	"fmt"
 	"net/http"
 	"runtime"
-	"syscall"
 	"testing"
 	"time"
 
@@ -21,15 +20,6 @@ import (
 	"github.com/outboxhook/webhooks/internal/dbtx"
 	"github.com/outboxhook/webhooks/store/sqlite"
 )
-
-// benchCPU returns the CPU time (user and system) the process has used.
-func benchCPU(b *testing.B) time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		b.Fatal(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
 
 // BenchmarkEndToEndBound measures, in one run and for the same number of
 // deliveries:

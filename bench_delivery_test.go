@@ -32,7 +32,10 @@ const benchE2EChunk = 2000
 // http.Client with the same transport settings posts the same number of
 // bodies of the same size from C goroutines to receivers of the same kind.
 // The two alternate in chunks of benchE2EChunk deliveries. One op is one
-// delivery by each side. ratio = lib rate / raw rate (target ≥ 0.6).
+// delivery by each side. ratio = lib rate / raw rate (target ≥ 0.6);
+// *_cpu_us/delivery is the process's CPU time (all threads, getrusage) per
+// delivery while each side ran: both sides keep the two cores busy, so the
+// ratio follows raw CPU / lib CPU.
 //
 // subs=1 has one subscription with MaxInFlightPerSubscription = C; subs=4
 // has four (one event makes four deliveries) with the default
@@ -58,7 +61,7 @@ func BenchmarkEndToEnd(b *testing.B) {
 			b.Cleanup(client.CloseIdleConnections)
 
 			var seq int64
-			var libT, rawT, pubT time.Duration
+			var libT, rawT, pubT, libCPU, rawCPU time.Duration
 			delivered := 0 // by each side: b.N rounded up to whole events
 			b.ResetTimer()
 			for done, round := 0, 0; done < b.N; round++ {
@@ -71,11 +74,12 @@ func BenchmarkEndToEnd(b *testing.B) {
 				b.StartTimer()
 
 				runRaw := func() {
-					start := time.Now()
+					start, cpu := time.Now(), benchCPU(b)
 					rawDone := rawRecv.expect(deliveries)
 					benchRawPost(b, client, rawURLs, bodies, c)
 					benchWait(b, rawDone, "raw deliveries")
 					rawT += time.Since(start)
+					rawCPU += benchCPU(b) - cpu
 				}
 				runLib := func() {
 					// The round's events are committed first, in one
@@ -86,12 +90,13 @@ func BenchmarkEndToEnd(b *testing.B) {
 					libDone := libRecv.expect(deliveries)
 					pubStart := time.Now()
 					benchPublishBatches(b, db, nil, events, events, &seq)
-					start := time.Now()
+					start, cpu := time.Now(), benchCPU(b)
 					pubT += start.Sub(pubStart)
 					d.Notify()
 					benchWait(b, libDone, "library deliveries")
 					benchWaitRecorded(b, db)
 					libT += time.Since(start)
+					libCPU += benchCPU(b) - cpu
 				}
 				if round%2 == 0 {
 					runRaw()
@@ -111,6 +116,8 @@ func BenchmarkEndToEnd(b *testing.B) {
 			b.ReportMetric(libRate/rawRate, "ratio")
 			b.ReportMetric(n/(libT+pubT).Seconds()/rawRate, "ratio_with_publish")
 			b.ReportMetric(libRate, "lib_deliveries/s")
+			b.ReportMetric(float64(libCPU.Nanoseconds())/1e3/n, "lib_cpu_us/delivery")
+			b.ReportMetric(float64(rawCPU.Nanoseconds())/1e3/n, "raw_cpu_us/delivery")
 			b.ReportMetric(rawRate, "raw_deliveries/s")
 		})
 	}
