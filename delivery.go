@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -227,7 +228,59 @@ type result struct {
 	excerpt    string
 }
 
-// deliver makes one attempt of j.
+// errRequestTimeout is the cause a worker's request context is canceled
+// with when a request runs past RequestTimeout.
+var errRequestTimeout = errors.New("webhooks: request timeout")
+
+// requestCtx gives a worker's requests their context: one cancelable context
+// for request after request, canceled by a timer (with errRequestTimeout)
+// when one runs past RequestTimeout, and then replaced. (A context with a
+// deadline per request cost about a microsecond and 500 bytes of garbage:
+// its timer, and the map that the transport's own context registers in.)
+// One goroutine uses it.
+type requestCtx struct {
+	parent  context.Context
+	timeout time.Duration
+	ctx     context.Context
+	cancel  context.CancelCauseFunc
+	timer   *time.Timer
+}
+
+func newRequestCtx(parent context.Context, timeout time.Duration) *requestCtx {
+	rc := &requestCtx{parent: parent, timeout: timeout}
+	rc.renew()
+	return rc
+}
+
+func (rc *requestCtx) renew() {
+	ctx, cancel := context.WithCancelCause(rc.parent)
+	rc.ctx, rc.cancel = ctx, cancel
+	rc.timer = time.AfterFunc(math.MaxInt64, func() { cancel(errRequestTimeout) }) // start sets it
+	rc.timer.Stop()
+}
+
+// start returns the context of the next request, its time limit running.
+func (rc *requestCtx) start() context.Context {
+	rc.timer.Reset(rc.timeout)
+	return rc.ctx
+}
+
+// stop ends the request's time limit; a context its timer canceled (or is
+// canceling) is replaced.
+func (rc *requestCtx) stop() {
+	if !rc.timer.Stop() {
+		rc.cancel(nil)
+		rc.renew()
+	}
+}
+
+func (rc *requestCtx) close() {
+	rc.timer.Stop()
+	rc.cancel(nil)
+}
+
+// deliver makes one attempt of j under ctx, which bounds it (the workers'
+// requestCtx: RequestTimeout).
 func (d *Dispatcher) deliver(ctx context.Context, j *job) result {
 	now := d.clock.Now()
 	r := result{job: j, started: now}
@@ -241,8 +294,6 @@ func (d *Dispatcher) deliver(ctx context.Context, j *job) result {
 		return r
 	}
 	body := j.Payload
-	ctx, cancel := context.WithTimeout(ctx, d.cfg.RequestTimeout)
-	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, j.URL, bytes.NewReader(body))
 	if err != nil {
 		r.err, r.errText = err, "invalid request: "+err.Error()
@@ -274,7 +325,7 @@ func (d *Dispatcher) deliver(ctx context.Context, j *job) result {
 
 	resp, err := d.roundTrip(req)
 	if err != nil {
-		r.err, r.errText = err, transportError(err, d.cfg.RequestTimeout)
+		r.err, r.errText = err, transportError(ctx, err, d.cfg.RequestTimeout)
 		r.duration = time.Since(begin)
 		return r
 	}
@@ -341,8 +392,8 @@ func parseHeaders(column string) headersEntry {
 }
 
 // transportError describes a failed request without repeating the URL.
-func transportError(err error, timeout time.Duration) string {
-	if errors.Is(err, context.DeadlineExceeded) {
+func transportError(ctx context.Context, err error, timeout time.Duration) string {
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(context.Cause(ctx), errRequestTimeout) {
 		return fmt.Sprintf("timeout: no complete response within %v", timeout)
 	}
 	var ue interface{ Unwrap() error }

@@ -470,10 +470,12 @@ func (l *loop) start(j *job) {
 	if l.spawned < l.inFlight {
 		l.spawned++
 		l.workers.Go(func() error {
-			ctx, cancel := context.WithCancel(l.workCtx)
-			defer cancel()
+			rc := newRequestCtx(l.workCtx, l.d.cfg.RequestTimeout)
+			defer rc.close()
 			for j := range l.jobs {
-				l.results <- l.d.deliver(ctx, j)
+				r := l.d.deliver(rc.start(), j)
+				rc.stop()
+				l.results <- r
 			}
 			return nil
 		})

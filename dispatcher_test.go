@@ -732,3 +732,40 @@ func TestUnreachableEndpointErrorText(t *testing.T) {
 		}
 	})
 }
+
+// A request that runs past RequestTimeout is an attempt that failed with a
+// timeout, and the worker that made it goes on to the next ones.
+func TestRequestTimeout(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, openTestDB func(testing.TB) *sql.DB) {
+		db := openTestDB(t)
+		subs := newTestSubscriptions(t, db, nil)
+		rc := newReceiver(t, func(n int, w http.ResponseWriter, r *http.Request) int {
+			if n <= 2 {
+				<-r.Context().Done() // hangs until the dispatcher gives up
+			}
+			return http.StatusOK
+		})
+		sub := mustSubscribe(t, subs, rc, "", "*")
+		const timeout = 100 * time.Millisecond
+		_, stop := startDispatcher(t, db, Config{Concurrency: 1, RequestTimeout: timeout, RetryPolicy: immediateRetry{max: 3}})
+		publishTx(t, db, Event{Type: "a.b"})
+		rc.wait(3)
+		waitUntil(t, "the delivery to succeed", func() bool {
+			return countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'succeeded'`) == 1
+		})
+		stop()
+		page, err := subs.ListDeliveries(context.Background(), "", sub.ID, DeliveryListOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		log := page.Deliveries[0].AttemptLog
+		if len(log) != 3 || log[2].StatusCode != 200 {
+			t.Fatalf("attempt log %+v, want two timeouts then 200", log)
+		}
+		for _, a := range log[:2] {
+			if a.StatusCode != 0 || a.Error != "timeout: no complete response within 100ms" || a.Duration < timeout {
+				t.Fatalf("attempt %+v, want a timeout after %v", a, timeout)
+			}
+		}
+	})
+}
