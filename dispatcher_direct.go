@@ -96,11 +96,6 @@ type direct struct {
 	// subsVersion (-1: none read).
 	subs        map[string][]subRow
 	subsVersion int64
-	// subsFresh: the version was read after every event in the buffer
-	// was, so any subscription committed before one of them is seen.
-	// Once per read, not per expansion: a subscription changed after an
-	// event was published may or may not apply to it either way.
-	subsFresh bool
 
 	ready   []*heldEvent // events whose attempts are all over, to record
 	readyAt time.Time    // when the oldest of ready became ready
@@ -207,9 +202,6 @@ func (l *loop) expandDirect(free int) {
 		}
 		x.rescan, x.more = false, len(all)-len(kept) == n
 		read := all[len(kept):]
-		if len(read) > 0 {
-			x.subsFresh = false // look at the version once these were read
-		}
 		kept = all[:len(kept)] // in the array the read appended to
 		for _, e := range read {
 			if x.held[e.Seq] == nil { // else in memory already (read before the lease lapsed)
@@ -224,7 +216,7 @@ func (l *loop) expandDirect(free int) {
 	x.buffer = x.buffer[len(events):]
 	l.moreEvents = x.more || len(x.buffer) > 0
 	var err error
-	if len(events) > 0 && !x.subsFresh {
+	if len(events) > 0 {
 		if err = l.checkSubscriptions(); err != nil {
 			l.check("read subscriptions", err)
 			x.buffer = append(events, x.buffer...) // not started
@@ -321,7 +313,6 @@ func (l *loop) checkSubscriptions() error {
 	if err := l.d.db.QueryRowContext(l.ctx, l.d.q.OutboxLease.SubscriptionsVersion).Scan(&v); err != nil {
 		return fmt.Errorf("read the subscriptions' version: %w", err)
 	}
-	x.subsFresh = true
 	if v != x.subsVersion {
 		clear(x.subs)
 		x.subsVersion = v
