@@ -209,7 +209,7 @@ func (l *loop) expandDirect(free int) {
 			}
 			x.cursor = max(x.cursor, e.Seq)
 		}
-		clear(all[len(kept):])
+		clear(all[len(kept):cap(all)]) // filtered out, or left from earlier reads
 		x.buffer = kept
 	}
 	events := x.buffer[:min(limit, len(x.buffer))]
@@ -294,6 +294,7 @@ func (l *loop) expandDirect(free int) {
 			x.markReady(he, now)
 		}
 	}
+	clear(events) // started: the buffer's array holds them no more
 	if expanded > 0 {
 		l.perEvent = 0.8*l.perEvent + 0.2*float64(made)/float64(expanded)
 		l.d.countHeld(x)

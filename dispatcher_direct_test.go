@@ -340,3 +340,82 @@ func TestExpansionSeesSubscriptionChanges(t *testing.T) {
 		}
 	})
 }
+
+// An event read into direct expansion's buffer before its subscription is
+// disabled or deleted, but started only after Update or Delete returned, is
+// not sent to it: the subscriptions' version is looked at on every expansion
+// that starts events, not only when events are read (a regression an
+// independent review found).
+func TestBufferedEventSeesSubscriptionChangedBeforeItStarts(t *testing.T) {
+	t.Run("disabled", func(t *testing.T) { testBufferedEventSubscriptionChange(t, false) })
+	t.Run("deleted", func(t *testing.T) { testBufferedEventSubscriptionChange(t, true) })
+}
+
+func testBufferedEventSubscriptionChange(t *testing.T, del bool) {
+	db := openTestDB(t)
+	if !directExpansion(t, db) {
+		t.Skip("no direct expansion")
+	}
+	ctx := context.Background()
+	subs := newTestSubscriptions(t, db, nil)
+	entered := make(chan string, 100)
+	release1, release2 := make(chan struct{}), make(chan struct{})
+	rc := newReceiver(t, func(n int, _ http.ResponseWriter, r *http.Request) int {
+		entered <- r.Header.Get("webhook-id")
+		switch n {
+		case 1:
+			<-release1
+		case 2:
+			<-release2
+		}
+		return http.StatusOK
+	})
+	s := mustSubscribe(t, subs, rc, "t", "*")
+	startDispatcher(t, db, Config{Concurrency: 2})
+	var once1, once2 sync.Once
+	t.Cleanup(func() { once1.Do(func() { close(release1) }); once2.Do(func() { close(release2) }) })
+
+	e1 := publishTx(t, db, Event{Type: "a", Tenant: "t"})[0]
+	if got := <-entered; got != e1 {
+		t.Fatalf("first request %s, want %s", got, e1)
+	}
+	var evs []Event
+	for i := 0; i < 9; i++ {
+		evs = append(evs, Event{Type: "a", Tenant: "t"})
+	}
+	ids := publishTx(t, db, evs...) // E2..E10: one slot free, so E2 starts and E3.. stay read but not started
+	if got := <-entered; got != ids[0] {
+		t.Fatalf("second request %s, want %s", got, ids[0])
+	}
+	if del {
+		if err := subs.Delete(ctx, "t", s.ID); err != nil {
+			t.Fatal(err)
+		}
+	} else {
+		disabled := true
+		if _, err := subs.Update(ctx, "t", s.ID, SubscriptionUpdate{Disabled: &disabled}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	once1.Do(func() { close(release1) }) // a slot frees
+	e3 := ids[1]
+	waitUntil(t, "E3 expanded", func() bool {
+		return countRows(t, db, `SELECT COUNT(*) FROM webhook_outbox WHERE id = $1 AND expanded_at IS NOT NULL`, e3) == 1
+	})
+	state := "(no row)"
+	_ = db.QueryRow(`SELECT state FROM webhook_deliveries WHERE event_id = $1`, e3).Scan(&state)
+	late := 0
+	for len(entered) > 0 {
+		<-entered
+		late++
+	}
+	if del {
+		if late > 0 {
+			t.Fatalf("E3: %d requests sent to a subscription after Delete returned; its delivery: %s", late, state)
+		}
+		return
+	}
+	if state != "paused" || late > 0 {
+		t.Fatalf("E3 (published before the subscription was disabled, started after): delivery %s, %d requests sent after Update(Disabled) returned; want paused, none", state, late)
+	}
+}

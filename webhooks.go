@@ -187,7 +187,8 @@ func MigrateDialect(ctx context.Context, db *sql.DB, dialect Dialect) error {
 }
 
 // splitStatements splits a migration file on semicolons that end a line.
-// The migrations hold no semicolons inside literals or bodies.
+// A semicolon inside a literal or a body (SQLite's trigger bodies) never
+// ends a line in the migrations.
 func splitStatements(sqlText string) []string {
 	var out []string
 	for _, part := range strings.Split(sqlText, ";\n") {
