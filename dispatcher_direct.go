@@ -100,6 +100,7 @@ type direct struct {
 	ready   []*heldEvent // events whose attempts are all over, to record
 	readyAt time.Time    // when the oldest of ready became ready
 	results int          // attempts in ready
+	later   int          // deliveries in ready not started: claimable once recorded
 
 	busy     bool // a batch is with the recorder
 	batches  chan []*heldEvent
@@ -379,6 +380,11 @@ func (l *loop) startWaiting() {
 	in := stepInput{perSub: l.perSub, limiter: l.lim}
 	for s, q := range x.waiting {
 		if l.behind[s] {
+			// Claims have rows of s to make and take its freed slots
+			// first: these would wait behind them for as long as rows
+			// keep coming (a hanging endpoint with a backlog: for ever),
+			// and their events with them. They become rows too.
+			x.dropWaitingFor(s, now)
 			continue
 		}
 		for len(q) > 0 && l.inFlight < d.cfg.Concurrency && d.admit(&in, q[0], nil, now) {
@@ -397,19 +403,25 @@ func (l *loop) startWaiting() {
 // dropWaiting turns the waiting deliveries into rows to record pending
 // (Shutdown, or the lease lost): claims make them.
 func (x *direct) dropWaiting(now time.Time) {
-	for s, q := range x.waiting {
-		for _, j := range q {
-			he := j.held
-			he.later = append(he.later, j)
-			he.running--
-			x.running--
-			if he.running == 0 && !he.aborted {
-				x.markReady(he, now)
-			}
-		}
-		delete(x.waiting, s)
+	for s := range x.waiting {
+		x.dropWaitingFor(s, now)
 	}
-	x.nWaiting = 0
+}
+
+// dropWaitingFor turns the deliveries waiting for a slot of subscription s
+// into rows to record pending.
+func (x *direct) dropWaitingFor(s string, now time.Time) {
+	for _, j := range x.waiting[s] {
+		he := j.held
+		he.later = append(he.later, j)
+		he.running--
+		x.running--
+		x.nWaiting--
+		if he.running == 0 && !he.aborted {
+			x.markReady(he, now)
+		}
+	}
+	delete(x.waiting, s)
 }
 
 // leaseToStart reports that the outbox lease has long enough left for a
@@ -493,4 +505,5 @@ func (x *direct) markReady(he *heldEvent, now time.Time) {
 	}
 	x.ready = append(x.ready, he)
 	x.results += len(he.results)
+	x.later += len(he.later)
 }

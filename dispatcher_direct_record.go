@@ -20,18 +20,23 @@ import (
 
 // flushDirect hands the ready events to the recorder when it is idle and
 // they are worth a transaction: directBatchMin attempts, or nothing else in
-// flight, or the oldest ready for a PollInterval, or force.
+// flight, or deliveries not started while slots are free (claims can make
+// them only once they are rows: a subscription at its cap next to one that
+// hangs would otherwise get its deliveries a PollInterval apart), or the
+// oldest ready for a PollInterval, or force.
 func (l *loop) flushDirect(force bool) {
 	x := l.direct
 	if x == nil || x.busy || len(x.ready) == 0 || l.paused() {
 		return
 	}
-	if !force && x.running > 0 && x.results < directBatchMin && l.d.clock.Now().Sub(x.readyAt) < l.d.cfg.PollInterval {
+	claimable := x.later > 0 && l.inFlight < l.d.cfg.Concurrency
+	if !force && !claimable && x.running > 0 && x.results < directBatchMin &&
+		l.d.clock.Now().Sub(x.readyAt) < l.d.cfg.PollInterval {
 		return
 	}
 	x.busy = true
 	x.batches <- x.ready // never blocks: the recorder is idle
-	x.ready, x.results = nil, 0
+	x.ready, x.results, x.later = nil, 0, 0
 }
 
 // recorded takes the recorder's report on a batch.
@@ -54,6 +59,7 @@ func (l *loop) recorded(r directRecorded) {
 		x.ready = append(r.events, x.ready...)
 		for _, he := range r.events {
 			x.results += len(he.results)
+			x.later += len(he.later)
 		}
 		x.readyAt = l.d.clock.Now()
 		return
@@ -100,7 +106,7 @@ func (l *loop) closeDirect() {
 	}
 	if len(x.ready) > 0 {
 		events := x.ready
-		x.ready, x.results = nil, 0
+		x.ready, x.results, x.later = nil, 0, 0
 		r := l.d.recordDirect(l.ctx, x.owner, events, &recordScratch{})
 		if r.err != nil && !errors.Is(r.err, errOutboxLeaseLost) {
 			l.d.log.Error("webhooks: dispatcher: record deliveries at shutdown; they will be made again",

@@ -419,3 +419,44 @@ func testBufferedEventSubscriptionChange(t *testing.T, del bool) {
 		t.Fatalf("E3 (published before the subscription was disabled, started after): delivery %s, %d requests sent after Update(Disabled) returned; want paused, none", state, late)
 	}
 }
+
+// Next to an endpoint that hangs with a backlog, the events whose other
+// deliveries are done get recorded: a delivery waiting in memory for the
+// hanging subscription's slot becomes a row once claims have rows of that
+// subscription to make (before, it waited behind them for as long as they
+// kept coming, and held its event unexpanded with it).
+func TestDirectWaitingBehindClaimsBecomesARow(t *testing.T) {
+	db := openTestDB(t)
+	if !directExpansion(t, db) {
+		t.Skip("no direct expansion")
+	}
+	subs := newTestSubscriptions(t, db, nil)
+	release := make(chan struct{})
+	var once sync.Once
+	healthy := newReceiver(t, nil)
+	hanging := newReceiver(t, func(_ int, _ http.ResponseWriter, r *http.Request) int {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+		return http.StatusOK
+	})
+	mustSubscribe(t, subs, healthy, "t", "*")
+	mustSubscribe(t, subs, hanging, "t", "*")
+	startDispatcher(t, db, Config{Concurrency: 4, MaxInFlightPerSubscription: 1, RequestTimeout: time.Hour, LeaseDuration: 2 * time.Hour})
+	t.Cleanup(func() { once.Do(func() { close(release) }) })
+
+	var evs []Event
+	for i := 0; i < 20; i++ {
+		evs = append(evs, Event{Type: "a", Tenant: "t"})
+	}
+	publishTx(t, db, evs...)
+	healthy.wait(20)
+	// Only the event whose request to the hanging endpoint is in flight
+	// stays unexpanded (its delivery to the healthy one with it): the
+	// healthy endpoint's 19 others are recorded.
+	waitUntil(t, "every other event recorded", func() bool {
+		return countRows(t, db, `SELECT COUNT(*) FROM webhook_outbox WHERE expanded_at IS NULL`) == 1 &&
+			countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'succeeded'`) == 19
+	})
+}
