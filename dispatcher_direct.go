@@ -381,10 +381,13 @@ func (l *loop) startWaiting() {
 	for s, q := range x.waiting {
 		if l.behind[s] {
 			// Claims have rows of s to make and take its freed slots
-			// first: these would wait behind them for as long as rows
+			// first: these could wait behind them for as long as rows
 			// keep coming (a hanging endpoint with a backlog: for ever),
-			// and their events with them. They become rows too.
-			x.dropWaitingFor(s, now)
+			// and their events with them. Once the first has waited a
+			// PollInterval they become rows too.
+			if now.Sub(q[0].held.readAt) >= d.cfg.PollInterval {
+				x.dropWaitingFor(s, now)
+			}
 			continue
 		}
 		for len(q) > 0 && l.inFlight < d.cfg.Concurrency && d.admit(&in, q[0], nil, now) {
