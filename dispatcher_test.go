@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
-	"runtime"
 	"sort"
 	"strings"
 	"testing"
@@ -518,13 +517,7 @@ func TestShutdownFinishesInFlightAndLeavesNoGoroutine(t *testing.T) {
 		if n := rc.count(); n != 1 {
 			t.Fatalf("%d requests; nothing may be claimed after Shutdown", n)
 		}
-		buf := make([]byte, 1<<20)
-		stacks := string(buf[:runtime.Stack(buf, true)])
-		for _, g := range strings.Split(stacks, "\n\n") {
-			if strings.Contains(g, "webhooks.(*Dispatcher)") || strings.Contains(g, "webhooks.(*loop)") {
-				t.Fatalf("goroutine left behind after Shutdown:\n%s", g)
-			}
-		}
+		waitGoroutinesGone(t, "the dispatcher's goroutines", "webhooks.(*Dispatcher)", "webhooks.(*loop)")
 		if err := d.Run(context.Background()); !errors.Is(err, ErrDispatcherClosed) {
 			t.Fatalf("second Run: %v", err)
 		}

@@ -9,6 +9,8 @@ import (
 	"net/http/httptest"
 	"net/netip"
 	"path/filepath"
+	"runtime"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -266,6 +268,34 @@ func newTestSubscriptions(t testing.TB, db *sql.DB, clock Clock) *Subscriptions 
 }
 
 // countRows runs a COUNT query.
+// waitGoroutinesGone fails the test unless, soon, no goroutine runs a
+// function whose name contains one of the parts. Shutdown waits for its
+// goroutines to be done, but one that signalled it may still be on its way
+// out for a moment; none may stay.
+func waitGoroutinesGone(t testing.TB, what string, parts ...string) {
+	t.Helper()
+	var left string
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		left = ""
+		buf := make([]byte, 1<<20)
+		for _, g := range strings.Split(string(buf[:runtime.Stack(buf, true)]), "\n\n") {
+			for _, p := range parts {
+				if strings.Contains(g, p) {
+					left = g
+				}
+			}
+		}
+		if left == "" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s left behind after Shutdown:\n%s", what, left)
+		}
+		runtime.Gosched()
+	}
+}
+
 // allAttempts is every recorded attempt, for tests to select from: the first
 // attempts kept in delivery rows (direct expansion, SQLite) and the rows of
 // webhook_attempts. seq orders a delivery's attempts.

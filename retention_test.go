@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -513,12 +512,6 @@ func TestRetentionCleanerRunsInRun(t *testing.T) {
 		waitUntil(t, "the cleaner to recover", func() bool { return tableSizes(t, db) == cleanCounts{} })
 
 		stop() // fails the test unless Run returns ErrDispatcherClosed
-		buf := make([]byte, 1<<20)
-		stacks := string(buf[:runtime.Stack(buf, true)])
-		for _, g := range strings.Split(stacks, "\n\n") {
-			if strings.Contains(g, "(*Dispatcher).runCleaner") || strings.Contains(g, "(*Dispatcher).startCleaner") {
-				t.Fatalf("cleaner goroutine left behind after Shutdown:\n%s", g)
-			}
-		}
+		waitGoroutinesGone(t, "the cleaner's goroutines", "(*Dispatcher).runCleaner", "(*Dispatcher).startCleaner")
 	})
 }
