@@ -122,14 +122,7 @@ func TestFailingReceiverGetsTheSameEventUntilItSucceeds(t *testing.T) {
 				t.Fatalf("attempt %d had webhook-id %q, want %q", i+1, r.ID, ids[0])
 			}
 		}
-		page, err := subs.ListDeliveries(context.Background(), "", sub.ID, DeliveryListOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if len(page.Deliveries) != 1 {
-			t.Fatalf("%d deliveries", len(page.Deliveries))
-		}
-		dl := page.Deliveries[0]
+		dl := onlyDelivery(t, subs, "", sub.ID)
 		if dl.State != DeliverySucceeded || dl.Attempts != failures+1 || len(dl.AttemptLog) != failures+1 {
 			t.Fatalf("delivery %+v", dl)
 		}
@@ -283,11 +276,7 @@ func TestRetryAfterIsRespected(t *testing.T) {
 		rc.wait(1)
 		stop()
 
-		page, err := subs.ListDeliveries(context.Background(), "", sub.ID, DeliveryListOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		dl := page.Deliveries[0]
+		dl := onlyDelivery(t, subs, "", sub.ID)
 		if want := clock.Now().Add(120 * time.Second).Truncate(time.Millisecond); !dl.NextAttemptAt.Equal(want) {
 			t.Fatalf("next attempt at %v, want %v (Retry-After 120 s instead of the 1 s schedule)", dl.NextAttemptAt, want)
 		}
@@ -715,11 +704,7 @@ func TestUnreachableEndpointErrorText(t *testing.T) {
 			return countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'dead'`) == 1
 		})
 		stop()
-		page, err := subs.ListDeliveries(context.Background(), "", sub.ID, DeliveryListOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		a := page.Deliveries[0].AttemptLog[0]
+		a := onlyDelivery(t, subs, "", sub.ID).AttemptLog[0]
 		if !strings.HasPrefix(a.Error, "dial tcp ") || !strings.Contains(a.Error, "refused") || strings.Contains(a.Error, "/hook") {
 			t.Fatalf("attempt error %q, want the dial error alone", a.Error)
 		}
@@ -747,11 +732,7 @@ func TestRequestTimeout(t *testing.T) {
 			return countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'succeeded'`) == 1
 		})
 		stop()
-		page, err := subs.ListDeliveries(context.Background(), "", sub.ID, DeliveryListOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		log := page.Deliveries[0].AttemptLog
+		log := onlyDelivery(t, subs, "", sub.ID).AttemptLog
 		if len(log) != 3 || log[2].StatusCode != 200 {
 			t.Fatalf("attempt log %+v, want two timeouts then 200", log)
 		}

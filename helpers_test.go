@@ -268,6 +268,20 @@ func newTestSubscriptions(t testing.TB, db *sql.DB, clock Clock) *Subscriptions 
 }
 
 // countRows runs a COUNT query.
+// onlyDelivery returns the one delivery of the tenant's subscription,
+// with its attempts, failing the test unless there is exactly one.
+func onlyDelivery(t testing.TB, subs *Subscriptions, tenant, subscriptionID string) Delivery {
+	t.Helper()
+	page, err := subs.ListDeliveries(context.Background(), tenant, subscriptionID, DeliveryListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(page.Deliveries) != 1 {
+		t.Fatalf("%d deliveries, want 1", len(page.Deliveries))
+	}
+	return page.Deliveries[0]
+}
+
 // waitGoroutinesGone fails the test unless, soon, no goroutine runs a
 // function whose name contains one of the parts. Shutdown waits for its
 // goroutines to be done, but one that signalled it may still be on its way
