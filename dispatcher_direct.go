@@ -508,5 +508,17 @@ func (x *direct) markReady(he *heldEvent, now time.Time) {
 	}
 	x.ready = append(x.ready, he)
 	x.results += len(he.results)
-	x.later += len(he.later)
+	x.later += claimable(he)
+}
+
+// claimable is how many of he's deliveries not started claims can make once
+// recorded (not those of disabled subscriptions: they go in paused).
+func claimable(he *heldEvent) int {
+	n := 0
+	for _, j := range he.later {
+		if !j.disabled {
+			n++
+		}
+	}
+	return n
 }

@@ -59,7 +59,7 @@ func (l *loop) recorded(r directRecorded) {
 		x.ready = append(r.events, x.ready...)
 		for _, he := range r.events {
 			x.results += len(he.results)
-			x.later += len(he.later)
+			x.later += claimable(he)
 		}
 		x.readyAt = l.d.clock.Now()
 		return

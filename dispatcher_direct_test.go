@@ -460,3 +460,56 @@ func TestDirectWaitingBehindClaimsBecomesARow(t *testing.T) {
 			countRows(t, db, `SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'succeeded'`) == 19
 	})
 }
+
+// Group commits of direct expansion with a disabled subscription next to a
+// slow healthy one, events trickling in: the disabled one's deliveries are
+// recorded paused, never claimable, so they must not make every ready event
+// be recorded at once (found by an independent review: 743 group commits
+// against 43 without the disabled subscription).
+func TestDirectGroupCommitsWithADisabledSubscription(t *testing.T) {
+	commits := map[bool]int{}
+	for _, withDisabled := range []bool{false, true} {
+		t.Run(map[bool]string{false: "healthy-only", true: "plus-disabled"}[withDisabled], func(t *testing.T) {
+			db := openTestDB(t)
+			if !directExpansion(t, db) {
+				t.Skip("no direct expansion")
+			}
+			subs := newTestSubscriptions(t, db, nil)
+			healthy := newReceiver(t, func(int, http.ResponseWriter, *http.Request) int {
+				time.Sleep(300 * time.Millisecond)
+				return 200
+			})
+			mustSubscribe(t, subs, healthy, "t", "*")
+			if withDisabled {
+				other := newReceiver(t, nil)
+				_, err := subs.Create(context.Background(), Subscription{Tenant: "t", URL: other.URL(), EventTypes: []string{"*"}, Disabled: true})
+				if err != nil {
+					t.Fatal(err)
+				}
+			}
+			d, stop := startDispatcher(t, db, Config{Concurrency: 64, MaxInFlightPerSubscription: 64, PollInterval: 100 * time.Millisecond})
+			const n = 600
+			for i := 0; i < n/10; i++ {
+				var evs []Event
+				for k := 0; k < 10; k++ {
+					evs = append(evs, Event{Type: "a", Tenant: "t"})
+				}
+				publishTx(t, db, evs...)
+				d.Notify()
+				time.Sleep(5 * time.Millisecond) // paces the publishing: events trickle in
+			}
+			healthy.wait(n)
+			waitUntil(t, "all expanded", func() bool {
+				return countRows(t, db, `SELECT COUNT(*) FROM webhook_outbox WHERE expanded_at IS NULL`) == 0
+			})
+			stop()
+			// Each group commit marks its events expanded at its own now.
+			c := countRows(t, db, `SELECT COUNT(DISTINCT expanded_at) FROM webhook_outbox`)
+			commits[withDisabled] = c
+			t.Logf("disabled=%v: >= %d group commits, %.1f events each", withDisabled, c, float64(n)/float64(c))
+		})
+	}
+	if commits[true] > 3*commits[false] {
+		t.Fatalf("a disabled subscription (its deliveries recorded paused, never claimable) multiplied the group commits: %d against %d", commits[true], commits[false])
+	}
+}

@@ -267,7 +267,6 @@ func newTestSubscriptions(t testing.TB, db *sql.DB, clock Clock) *Subscriptions 
 	return subs
 }
 
-// countRows runs a COUNT query.
 // onlyDelivery returns the one delivery of the tenant's subscription,
 // with its attempts, failing the test unless there is exactly one.
 func onlyDelivery(t testing.TB, subs *Subscriptions, tenant, subscriptionID string) Delivery {
@@ -306,7 +305,7 @@ func waitGoroutinesGone(t testing.TB, what string, parts ...string) {
 		if time.Now().After(deadline) {
 			t.Fatalf("%s left behind after Shutdown:\n%s", what, left)
 		}
-		runtime.Gosched()
+		time.Sleep(time.Millisecond) // the next look
 	}
 }
 
@@ -321,6 +320,7 @@ const allAttempts = `(
     SELECT delivery_id, attempt, started_at, duration_ms, status_code, error, response_body, id
     FROM webhook_attempts) AS attempts`
 
+// countRows runs a COUNT query.
 func countRows(t testing.TB, db *sql.DB, query string, args ...any) int {
 	t.Helper()
 	var n int
