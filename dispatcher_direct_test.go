@@ -1,7 +1,8 @@
 package webhooks
 
-// Direct expansion (SQLite): the outbox lease lost or lapsed, and the
-// subscriptions it keeps in memory.
+// Direct expansion (SQLite): the outbox lease lost or lapsed, the
+// subscriptions it keeps in memory, deliveries waiting for a slot, and group
+// commits.
 
 import (
 	"context"
