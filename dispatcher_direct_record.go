@@ -29,8 +29,8 @@ func (l *loop) flushDirect(force bool) {
 	if x == nil || x.busy || len(x.ready) == 0 || l.paused() {
 		return
 	}
-	claimable := x.later > 0 && l.inFlight < l.d.cfg.Concurrency
-	if !force && !claimable && x.running > 0 && x.results < directBatchMin &&
+	claimNow := x.later > 0 && l.inFlight < l.d.cfg.Concurrency
+	if !force && !claimNow && x.running > 0 && x.results < directBatchMin &&
 		l.d.clock.Now().Sub(x.readyAt) < l.d.cfg.PollInterval {
 		return
 	}
@@ -252,34 +252,31 @@ func (d *Dispatcher) recordDirect(ctx context.Context, owner string, events []*h
 	out := directRecorded{events: events}
 	now := d.clock.Now()
 	defer s.reset()
-	results, seqs := s.results, s.seqs
 	for _, he := range events {
-		results = append(results, he.results...)
-		seqs = append(seqs, he.seq)
+		s.results = append(s.results, he.results...)
+		s.seqs = append(s.seqs, he.seq)
 	}
-	s.results, s.seqs = results, seqs
-	rows := s.rows
-	rec, err := d.recordBatch(results, now, &rows)
-	s.rows = rows
+	results, seqs := s.results, s.seqs
+	rec, err := d.recordBatch(results, now, &s.rows)
 	if err != nil {
 		out.err = err
 		return out
 	}
-	made := len(rows)
+	made := len(s.rows)
 	for _, he := range events {
 		for _, j := range he.later {
-			rows = append(rows, madeRow{ID: j.DeliveryID, EventID: j.EventID, SubscriptionID: j.SubscriptionID,
+			s.rows = append(s.rows, madeRow{ID: j.DeliveryID, EventID: j.EventID, SubscriptionID: j.SubscriptionID,
 				Tenant: j.Tenant, State: string(DeliveryPending), NextAt: he.readAt.UnixMilli(),
 				CreatedAt: he.readAt.UnixMilli(), At: now.UnixMilli()})
 			out.later = true
 		}
 	}
-	s.rows = rows
-	rowArgs := slices.Grow(s.args, store.MadeDeliveryColumns*len(rows))
+	rows := s.rows
+	s.args = slices.Grow(s.args, store.MadeDeliveryColumns*len(rows))
 	for i := range rows {
-		rowArgs = rows[i].args(rowArgs)
+		s.args = rows[i].args(s.args)
 	}
-	s.args = rowArgs
+	rowArgs := s.args
 	q := d.q.OutboxLease
 	until := now.Add(d.outboxLease())
 	out.err = d.inTx(ctx, func(tx dbtx.Tx) error {

@@ -25,10 +25,10 @@ type OutboxLeaseQueries struct {
 	// subscription_id, tenant, state, attempts, next_at, last_status,
 	// last_error, created_at, updated_at, delivered_at (NULL unless
 	// succeeded), then its first attempt (see migration 5): started_at
-	// (NULL when it made none), duration_ms, response_body (its status code
-	// and error are the delivery's last ones). (Rows bound as parameters cost about a third of a JSON
-	// row set here; keep n to about 50, as SQLite prepares long statements
-	// in more than linear time.)
+	// (NULL when it made none), duration_ms, response_body (its status
+	// code and error are the delivery's last ones). (Rows bound as
+	// parameters cost about a third of a JSON row set here; keep n to about
+	// 50, as SQLite prepares long statements in more than linear time.)
 	InsertDeliveries func(n int) string
 	// SelectExisting returns which of the delivery IDs in the JSON array $1
 	// exist.
